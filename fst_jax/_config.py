@@ -1,0 +1,176 @@
+"""Configuration of the FST recipe: :class:`FSTConfig` and :class:`Rule`.
+
+Both are frozen, keyword-only, hashable dataclasses, validated on construction, so that they can
+be used as static arguments of ``jax.jit`` and as cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+GradInput = Literal["prune_output_dim", "transposable", "dense"]
+GradWeight = Literal["fixed_mask", "prune_grad_output", "dense"]
+Pattern = Literal["checkerboard", "even", "odd"]
+Mode = Literal["masked", "compact"]
+Backend = Literal["xla", "pallas", "auto"]
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "grad_input": ("prune_output_dim", "transposable", "dense"),
+    "grad_weight": ("fixed_mask", "prune_grad_output", "dense"),
+    "pattern": ("checkerboard", "even", "odd"),
+    "mode": ("masked", "compact"),
+    "backend": ("xla", "pallas", "auto"),
+}
+
+
+def _check_choice(owner: str, field: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"{owner}.{field}={value!r} is not valid; allowed values: "
+            + ", ".join(repr(a) for a in allowed)
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Sends matching weight matmuls to sparse or dense, overriding ``skip_first``/``skip_last``.
+
+    Args:
+      pattern: a regular expression, matched with ``re.search``.
+      action: ``"sparse"`` or ``"dense"``.
+      on: what the pattern is matched against: ``"param_path"`` (``jax.tree_util.keystr`` of the
+        weight's parameter path, e.g. ``"['params']['Dense_0']['kernel']"``) or ``"name_stack"``
+        (the equation's name stack, e.g. ``"MLP/Dense_0"`` under Flax).
+
+    Example:
+      >>> import fst_jax
+      >>> rule = fst_jax.Rule(pattern=r"Dense_0", action="dense")
+      >>> rule.on
+      'param_path'
+    """
+
+    pattern: str
+    action: Literal["sparse", "dense"] = "sparse"
+    on: Literal["param_path", "name_stack"] = "param_path"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"Rule.pattern must be a str (a regular expression), got {self.pattern!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule.pattern={self.pattern!r} is not a valid regular expression: {e}") from e
+        _check_choice("Rule", "action", self.action, ("sparse", "dense"))
+        _check_choice("Rule", "on", self.on, ("param_path", "name_stack"))
+
+    def matches(self, param_path: str | None, name_stack: str) -> bool:
+        """Whether this rule applies to a matmul with the given parameter path and name stack.
+
+        Example:
+          >>> import fst_jax
+          >>> fst_jax.Rule(pattern="head").matches("['head']['kernel']", "")
+          True
+        """
+        target = param_path if self.on == "param_path" else name_stack
+        return target is not None and re.search(self.pattern, target) is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FSTConfig:
+    """What FST does to each weight matmul. Defaults are the paper's recipe.
+
+    Args:
+      forward: prune the weight 2:4 along its contracting dimension ``K`` in the forward product.
+      grad_input: how the grad-input product ``dA = dY·Wᵀ`` gets its sparse operand:
+        ``"prune_output_dim"`` re-prunes the forward weight 2:4 along ``O_last``;
+        ``"transposable"`` uses one mask that is 2:4 along both ``K`` and ``O_last`` for the
+        forward and backward products; ``"dense"`` uses the forward weight as it is.
+      grad_weight: how the grad-weight product ``dW = Aᵀ·dY`` is sparsified:
+        ``"fixed_mask"`` (a fixed 2:4 token mask on the activation, with the gradient shift),
+        ``"prune_grad_output"`` (magnitude 2:4 on ``dY`` along the token axis) or ``"dense"``.
+      pattern: the fixed token mask: ``"checkerboard"`` keeps ``(t + k) % 2 == 0``, ``"even"``
+        keeps even tokens, ``"odd"`` odd tokens.
+      restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``. Provisional.
+      sr_ste: SR-STE coefficient ``λ``: adds ``λ·(1 − mask_f)⊙W`` to the weight gradient.
+        Provisional. Must be 0 when ``forward=False``.
+      skip_first: leave the first weight matmul (pre-order walk of the jaxpr) dense.
+      skip_last: leave the last weight matmul dense.
+      min_features: leave weight matmuls with ``K < min_features`` or ``O_last < min_features``
+        dense ("small layer"). 0 disables.
+      rules: ordered :class:`Rule` s; the first match wins and overrides skip_first/skip_last.
+      mode: ``"masked"`` (dense GEMMs on masked operands) or ``"compact"`` (not yet available).
+      backend: ``"xla"``, ``"pallas"`` (not yet available) or ``"auto"`` (XLA until the Pallas
+        kernels land).
+
+    Raises:
+      ValueError: a field has a value outside its allowed set.
+      NotImplementedError: a value whose implementation has not landed yet.
+
+    Example:
+      >>> import fst_jax
+      >>> cfg = fst_jax.FSTConfig(restore_scale=1.0)
+      >>> cfg.grad_weight
+      'fixed_mask'
+      >>> hash(cfg) == hash(fst_jax.FSTConfig(restore_scale=1.0))
+      True
+    """
+
+    forward: bool = True
+    grad_input: GradInput = "prune_output_dim"
+    grad_weight: GradWeight = "fixed_mask"
+    pattern: Pattern = "checkerboard"
+    restore_scale: float = 0.03
+    sr_ste: float = 2e-4
+    skip_first: bool = True
+    skip_last: bool = True
+    min_features: int = 0
+    rules: tuple[Rule, ...] = ()
+    mode: Mode = "masked"
+    backend: Backend = "xla"
+
+    def __post_init__(self) -> None:
+        for name in ("forward", "skip_first", "skip_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FSTConfig.{name} must be a bool (True or False), got {getattr(self, name)!r}")
+        for name, allowed in _CHOICES.items():
+            _check_choice("FSTConfig", name, getattr(self, name), allowed)
+        for name in ("restore_scale", "sr_ste"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"FSTConfig.{name} must be a finite float, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.sr_ste < 0:
+            raise ValueError(f"FSTConfig.sr_ste must be >= 0, got {self.sr_ste!r}")
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
+            raise ValueError(f"FSTConfig.min_features must be an int >= 0, got {self.min_features!r}")
+        if isinstance(self.rules, list):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
+            raise ValueError(f"FSTConfig.rules must be a tuple of fst_jax.Rule, got {self.rules!r}")
+        if not self.forward and self.sr_ste > 0:
+            raise ValueError(
+                f"FSTConfig.sr_ste={self.sr_ste} acts on the weights that the forward mask drops, but "
+                "forward=False has no forward mask: pass sr_ste=0.0 with forward=False"
+            )
+        if self.mode == "compact":
+            raise NotImplementedError(
+                "FSTConfig.mode='compact' is not implemented yet (the compact-execution issue); "
+                "use mode='masked'"
+            )
+        if self.backend == "pallas":
+            raise NotImplementedError(
+                "FSTConfig.backend='pallas' is not implemented yet (the Pallas kernels issue); "
+                "use backend='xla' or 'auto'"
+            )
+
+    def replace(self, **changes: object) -> FSTConfig:
+        """A copy with some fields changed (validated again).
+
+        Example:
+          >>> import fst_jax
+          >>> fst_jax.FSTConfig().replace(pattern="even").pattern
+          'even'
+        """
+        return dataclasses.replace(self, **changes)
