@@ -1,4 +1,42 @@
-"""fst_jax: fully sparse training for JAX (placeholder; filled in by the core)."""
+"""fst_jax: fully sparse training for JAX.
+
+Every matrix multiplication of training (forward, grad-input and grad-weight) runs with a 2:4
+structured-sparse operand, following "Towards Fully Sparse Training: Information Restoration with
+Spatial Similarity" (Xu et al., AAAI 2022).
+
+Example:
+  >>> import jax, jax.numpy as jnp, fst_jax
+  >>> loss = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)
+  >>> w, x = jnp.ones((8, 8)), jnp.ones((2, 4, 8))
+  >>> cfg = fst_jax.FSTConfig(skip_first=False, skip_last=False)
+  >>> print(jax.grad(fst_jax.sparsify(loss, cfg))(w, x).shape)
+  (8, 8)
+"""
 
 from fst_jax._config import FSTConfig as FSTConfig
 from fst_jax._config import Rule as Rule
+from fst_jax._masks import apply_mask as apply_mask
+from fst_jax._masks import gradient_shift as gradient_shift
+from fst_jax._masks import mask_2to4 as mask_2to4
+from fst_jax._masks import token_mask as token_mask
+from fst_jax._masks import transposable_mask_2to4 as transposable_mask_2to4
+from fst_jax._report import Report as Report
+from fst_jax._report import Row as Row
+from fst_jax._report import report as report
+from fst_jax._transform import sparsify as sparsify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FSTConfig",
+    "Report",
+    "Row",
+    "Rule",
+    "apply_mask",
+    "gradient_shift",
+    "mask_2to4",
+    "report",
+    "sparsify",
+    "token_mask",
+    "transposable_mask_2to4",
+]

@@ -1,0 +1,124 @@
+"""The one module that touches ``jax.extend`` and ``jax._src``, and absorbs version differences.
+
+Supported: jax 0.10.2 (Python 3.11) and jax 0.11.x (Python 3.12, the GPU machine's version).
+Differences handled here:
+
+* ``ClosedJaxpr`` is its own class in 0.10 and an alias of ``Jaxpr`` (carrying ``.consts``) in 0.11.
+* ``scan`` counts its consts and carries with ``num_consts``/``num_carry`` in 0.10 and with the
+  ``ft_in`` flat trees in 0.11.
+* ``shard_map`` bodies are re-traced by the primitive itself through ``subfuns``, which return a
+  ``FlatTree`` (``jax._src.tree_util.FlatTree`` in 0.10, ``jax._src.flattree`` in 0.11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+from jax._src import source_info_util
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+Jaxpr = jex.Jaxpr
+ClosedJaxpr = jex.ClosedJaxpr
+Literal = jex.Literal
+DropVar = jex.DropVar
+Var = jex.Var
+JaxprEqn = jex.JaxprEqn
+prims = jex.primitives
+Tracer = jax.core.Tracer
+
+JAXPR_TYPES = (jex.Jaxpr, jex.ClosedJaxpr)
+
+try:  # jax >= 0.11
+    from jax._src import flattree as _ft
+
+    def _flat_tree(values: Any, aux: Any) -> Any:
+        return _ft.flatten(values).with_aux(aux)
+
+except ImportError:  # jax 0.10
+    from jax._src.tree_util import FlatTree as _FlatTree
+
+    def _flat_tree(values: Any, aux: Any) -> Any:
+        return _FlatTree.flatten(values).with_aux(aux)
+
+
+def open_jaxpr(j: Any) -> tuple[Any, list[Any]]:
+    """(open jaxpr, consts) of a jaxpr-valued parameter, closed or open, in any version."""
+    if isinstance(j, jex.ClosedJaxpr) and hasattr(j, "jaxpr") and j.jaxpr is not j:
+        return j.jaxpr, list(j.consts)
+    return j, list(getattr(j, "consts", ()) or ())
+
+
+def is_closed(j: Any) -> bool:
+    """Whether ``j`` is a closed jaxpr (carries its consts) rather than an open one."""
+    if jex.ClosedJaxpr is jex.Jaxpr:  # 0.11: one class; params that were open carry no consts
+        return bool(getattr(j, "consts", ()))
+    return isinstance(j, jex.ClosedJaxpr)
+
+
+def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
+    """(num_consts, num_carry) of a scan equation."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].elts
+    return len(consts), len(carry)
+
+
+def bind_eqn(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
+    """Re-binds an equation under the current trace, keeping its name stack and context."""
+    params = eqn.params if params is None else params
+    bind_params = eqn.primitive.get_bind_params(params)
+    if isinstance(bind_params, tuple):  # jax <= 0.9.1 returned (subfuns, params)
+        subfuns, bind_params = bind_params
+        invals = [*subfuns, *invals]
+    with eqn_context(eqn):
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+@contextlib.contextmanager
+def eqn_context(eqn: Any) -> Iterator[None]:
+    """Binds under the equation's own name stack (Flax module names) and context."""
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+        yield
+
+
+def bind_shard_map(eqn: Any, invals: Sequence[Any], body: Callable[..., list[Any]]) -> list[Any]:
+    """Binds a ``shard_map`` equation whose body is ``body(*args)`` instead of its jaxpr.
+
+    The primitive re-traces ``body`` itself, inside its own manual-axes environment.
+    """
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    out_specs = eqn.params["out_specs"]
+    bind_params["subfuns"] = (lambda *args: _flat_tree(body(*args), out_specs),)
+    with eqn_context(eqn):
+        return list(eqn.primitive.bind(*invals, **bind_params))
+
+
+def name_stack(eqn: Any) -> str:
+    """The equation's name stack as a string, e.g. ``'MLP/Dense_0'``."""
+    return str(eqn.source_info.name_stack)
+
+
+def source_line(eqn: Any) -> str:
+    """``file:line (function)`` of the user code that produced the equation."""
+    try:
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - best effort, for display only
+        return "unknown"
+
+
+def like_param(orig: Any, new: Any, prim_name: str) -> Any:
+    """Shapes a re-traced (closed) jaxpr like the parameter it replaces."""
+    if jex.ClosedJaxpr is jex.Jaxpr or isinstance(orig, jex.ClosedJaxpr):
+        return new
+    if new.consts:
+        raise NotImplementedError(
+            f"fst_jax: rewriting the body of {prim_name!r} created constants, which an open jaxpr "
+            "cannot hold; please report this with the function that triggers it")
+    return new.jaxpr
