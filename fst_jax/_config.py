@@ -154,11 +154,6 @@ class FSTConfig:
                 f"FSTConfig.sr_ste={self.sr_ste} acts on the weights that the forward mask drops, but "
                 "forward=False has no forward mask: pass sr_ste=0.0 with forward=False"
             )
-        if self.mode == "compact":
-            raise NotImplementedError(
-                "FSTConfig.mode='compact' is not implemented yet (the compact-execution issue); "
-                "use mode='masked'"
-            )
         if self.backend == "pallas":
             raise NotImplementedError(
                 "FSTConfig.backend='pallas' is not implemented yet (the Pallas kernels issue); "

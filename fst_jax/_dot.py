@@ -49,6 +49,11 @@ class GemmPlan:
     pattern: str = "checkerboard"
     restore_scale: float = 0.0
     sr_ste: float = 0.0
+    mode: str = "masked"  # "compact": grad-weight over the kept half of the tokens only
+
+    @property
+    def compact(self) -> bool:
+        return self.mode == "compact" and self.grad_weight == "fixed_mask"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -91,6 +96,66 @@ def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[
     return a, dy
 
 
+def _every_other(x: jax.Array, axis: int, phase: int) -> jax.Array:
+    """``x[..., phase::2, ...]`` along ``axis``."""
+    return lax.slice_in_dim(x, phase, x.shape[axis], stride=2, axis=axis)
+
+
+def _unstride(x: jax.Array, axis: int, phase: int) -> jax.Array:
+    """Inverse of :func:`_every_other` up to zeros: ``x`` 's entries at ``phase::2`` of a twice
+    longer axis (lengths are even here)."""
+    cfg = [(0, 0, 0)] * x.ndim
+    cfg[axis] = (phase, 1 - phase, 1)
+    return lax.pad(x, jnp.zeros((), x.dtype), cfg)
+
+
+def _compact_parts(plan: GemmPlan, a: jax.Array) -> tuple[jax.Array, ...]:
+    """The kept half of the activation: ``A[t even]`` or ``A[t odd]``; for the checkerboard,
+    ``A[t even, k even]`` and ``A[t odd, k odd]`` (k's parity is that of the last contracting axis,
+    whose length K is a multiple of 4)."""
+    if plan.pattern != "checkerboard":
+        return (_every_other(a, plan.t_axis, int(plan.pattern == "odd")),)
+    c = plan.act_contract[-1]
+    return tuple(_every_other(_every_other(a, plan.t_axis, p), c, p) for p in (0, 1))
+
+
+def _from_compact(plan: GemmPlan, parts: tuple[jax.Array, ...]) -> jax.Array:
+    """An activation-shaped array rebuilt from the kept parts (the masked activation)."""
+    if plan.pattern != "checkerboard":
+        return _unstride(parts[0], plan.t_axis, int(plan.pattern == "odd"))
+    c = plan.act_contract[-1]
+    return sum(_unstride(_unstride(x, c, p), plan.t_axis, p) for p, x in enumerate(parts))
+
+
+def _shifted_tokens(dy: jax.Array, axis: int, phase: int, scale: float) -> jax.Array:
+    """``gradient_shift(dy, axis, scale)[..., phase::2, ...]`` without computing the other half."""
+    kept = _every_other(dy, axis, phase)
+    if scale == 0:
+        return kept
+    prev = _every_other(dy, axis, 1 - phase)  # dY[t - 1] for the kept t
+    if phase == 0:
+        prev = jnp.roll(prev, 1, axis)
+    wide = jnp.promote_types(dy.dtype, jnp.float32)
+    return (kept.astype(wide) + scale * prev.astype(wide)).astype(dy.dtype)
+
+
+def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: jax.Array,
+                         dy: jax.Array) -> jax.Array:
+    """dW as dense GEMMs over the kept tokens: one half GEMM, or two quarter GEMMs for the
+    checkerboard, interleaved along K."""
+    def grad(a_part: jax.Array, w_part: jax.Array, dy_part: jax.Array) -> jax.Array:
+        _, vjp_w = jax.vjp(lambda w: _dot(plan, a_part, w), w_part)
+        return vjp_w(dy_part)[0]
+
+    s, t_out = plan.restore_scale, plan.t_out_axis
+    if plan.pattern != "checkerboard":
+        phase = int(plan.pattern == "odd")
+        return grad(parts[0], weight, _shifted_tokens(dy, t_out, phase, s))
+    k = plan.k_axis
+    halves = [grad(parts[p], _every_other(weight, k, p), _shifted_tokens(dy, t_out, p, s)) for p in (0, 1)]
+    return jnp.stack(halves, axis=k + 1).reshape(weight.shape)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
     w_f, _ = _forward_weight(plan, weight)
@@ -98,18 +163,25 @@ def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
 
 
 def _sparse_dot_fwd(act: jax.Array, weight: jax.Array, plan: GemmPlan):
-    return _sparse_dot(act, weight, plan), (act, weight)
+    saved = _compact_parts(plan, act) if plan.compact else act
+    return _sparse_dot(act, weight, plan), (saved, weight)
 
 
-def _sparse_dot_bwd(plan: GemmPlan, res: tuple[jax.Array, jax.Array], dy: jax.Array):
-    act, weight = res
+def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
+    saved, weight = res
     w_f, mask_f = _forward_weight(plan, weight)
     w_b = _backward_weight(plan, weight, w_f)
+    # The grad-input product is linear in the activation: its value only fixes the shape (and,
+    # in shard_map, the varying axes), so the compact mode passes the masked one.
+    act = _from_compact(plan, saved) if plan.compact else saved
     _, vjp_act = jax.vjp(lambda a: _dot(plan, a, w_b), act)
     (d_act,) = vjp_act(dy)
-    a_g, dy_g = _grad_weight_operands(plan, act, dy)
-    _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
-    (d_w,) = vjp_w(dy_g)
+    if plan.compact:
+        d_w = _compact_grad_weight(plan, saved, weight, dy)
+    else:
+        a_g, dy_g = _grad_weight_operands(plan, act, dy)
+        _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
+        (d_w,) = vjp_w(dy_g)
     if plan.sr_ste and mask_f is not None:
         decay = plan.sr_ste * jnp.where(mask_f, jnp.zeros_like(weight), weight)
         d_w = d_w + decay.astype(d_w.dtype)

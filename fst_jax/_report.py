@@ -29,6 +29,14 @@ class Row:
       flops_dense: FLOPs of the three products per call, all dense (``trips`` included; once for
         a while loop).
       flops_fst: the same with each 2:4-sparse product counted at half.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fst_jax
+      >>> S = jax.ShapeDtypeStruct
+      >>> cfg = fst_jax.FSTConfig(skip_first=False, skip_last=False)
+      >>> row = fst_jax.report(lambda w, x: x @ w, cfg)(S((8, 4), jnp.float32), S((2, 8, 8), jnp.float32)).rows[0]
+      >>> row.param_path, row.forward, row.sparse_gemms
+      ('', 'sparse', 3)
     """
 
     index: int
@@ -73,6 +81,13 @@ class Report:
     """Every ``dot_general`` of a function with the FST decision for each of its three products.
 
     ``str(report)`` is a table; ``report.rows`` are :class:`Row` s.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fst_jax
+      >>> S = jax.ShapeDtypeStruct
+      >>> rep = fst_jax.report(lambda w, x: x @ w)(S((8, 4), jnp.float32), S((2, 8, 8), jnp.float32))
+      >>> rep.flops_fst == rep.flops_dense  # a single matmul is first and last: dense by default
+      True
     """
 
     rows: tuple[Row, ...]

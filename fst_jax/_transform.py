@@ -256,7 +256,7 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
     elif T % 4:
         gw = f"dense: T={T} not divisible by 4"
     else:
-        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern})" if cfg.grad_weight == "fixed_mask" \
+        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern}, {cfg.mode})" if cfg.grad_weight == "fixed_mask" \
             else f"sparse ({cfg.grad_weight})"
     gi_sparse, gw_sparse = gi.startswith("sparse"), gw.startswith("sparse")
     plan = dataclasses.replace(
@@ -264,7 +264,7 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
         grad_input=cfg.grad_input if gi_sparse else "dense",
         grad_weight=cfg.grad_weight if gw_sparse else "dense",
         pattern=cfg.pattern, restore_scale=cfg.restore_scale,
-        sr_ste=cfg.sr_ste if cfg.forward else 0.0)
+        sr_ste=cfg.sr_ste if cfg.forward else 0.0, mode=cfg.mode)
     return Decision(site, side, path, fwd, gi, gw, plan)
 
 
