@@ -7,8 +7,9 @@
 * :func:`token_mask`: the fixed activation masks (``"checkerboard"``, ``"even"``, ``"odd"``).
 * :func:`gradient_shift`: the information-restoration shift ``dY + s·roll(dY, 1)``.
 
-Magnitude is ``|x|`` with NaN counted as ``+inf``; ties go to the lower index. No sort, ``top_k``
-or gather is used for the 2:4 choice, so the same logic ports to a Triton kernel.
+Magnitude is ``|x|`` with NaN counted as ``+inf``. :func:`mask_2to4` breaks ties by the lower
+index and uses pairwise comparisons only (no sort, ``top_k`` or gather), so that the same logic
+ports to a Triton kernel.
 
 Example:
   >>> import jax.numpy as jnp
@@ -161,8 +162,9 @@ def transposable_mask_2to4(x: jax.Array, axes: tuple[int, int] = (-2, -1)) -> ja
     ``axes = (k_axis, o_axis)``. The ``(k, o)`` plane is cut into 4×4 tiles aligned at 0; every
     other axis is an independent batch. Each tile takes, of the 90 patterns in
     :data:`TRANSPOSABLE_PATTERNS` (two kept entries per row and per column), the one with the
-    largest sum of kept magnitudes ``Σ|w|`` (NaN counts as ``+inf``, so every pattern that keeps
-    a NaN or inf scores ``+inf``); ties go to the first pattern in that table's order. Scores are
+    largest sum of kept magnitudes ``Σ|w|``; ties go to the first pattern in that table's order.
+    NaN counts as ``+inf``, and sums follow IEEE arithmetic: every pattern that keeps a NaN or inf
+    scores ``+inf``, so the first of those wins whatever the tile's other entries. Scores are
     summed in at least float32, as plain sums of magnitudes (never ``0 · inf``).
 
     Args:
@@ -206,21 +208,13 @@ def _transposable_mask_2to4(x: jax.Array, k_axis: int, o_axis: int) -> jax.Array
     mag = jnp.moveaxis(_magnitude(x), (k_axis, o_axis), (-2, -1))
     mag = mag.astype(jnp.promote_types(mag.dtype, jnp.float32))
     *batch, k, o = mag.shape
-    tiles = mag.reshape(*batch, k // 4, 4, o // 4, 4)  # [..., k tile, r, o tile, c]
-    m = [[tiles[..., r, :, c] for c in range(4)] for r in range(4)]  # each [..., k tile, o tile]
-    pair_sum = [[m[r][a] + m[r][b] for a, b in _PAIRS] for r in range(4)]
-    # Running argmax over the patterns in table order; `>` keeps the first maximum.
-    best_score, best = None, None
-    for p, rows in enumerate(_PATTERN_ROWS):
-        score = sum(pair_sum[r][q] for r, q in enumerate(rows))
-        if p == 0:
-            best_score, best = score, jnp.zeros(score.shape, jnp.int32)
-        else:
-            better = score > best_score
-            best_score = jnp.where(better, score, best_score)
-            best = jnp.where(better, p, best)
-    # [..., k tile, o tile, r, c] -> [..., k tile, r, o tile, c] -> [..., k, o]
-    chosen = jnp.take(jnp.asarray(TRANSPOSABLE_PATTERNS), best, axis=0)
+    tiles = jnp.swapaxes(mag.reshape(*batch, k // 4, 4, o // 4, 4), -3, -2)  # [..., kt, ot, r, c]
+    # Σ|w| of each row's 6 column pairs, then of each pattern's 4 row pairs: [..., kt, ot, 90].
+    pair_sum = jnp.stack([tiles[..., a] + tiles[..., b] for a, b in _PAIRS], -1)  # [..., r, 6]
+    row_pairs = np.array(_PATTERN_ROWS)  # (90, 4)
+    scores = sum(pair_sum[..., r, row_pairs[:, r]] for r in range(4))
+    best = jnp.argmax(scores, axis=-1)  # the first maximum: ties go to the earlier pattern
+    chosen = jnp.take(jnp.asarray(TRANSPOSABLE_PATTERNS), best, axis=0)  # [..., kt, ot, r, c]
     mask = jnp.swapaxes(chosen, -3, -2).reshape(*batch, k, o)
     return jnp.moveaxis(mask, (-2, -1), (k_axis, o_axis))
 
@@ -283,6 +277,13 @@ def token_mask(
             f"token_mask: token_axis={token_axis} is also in contracting_axes="
             f"{tuple(contracting_axes)}"
         )
+    return _token_mask(shape, t_axis, tuple(k_axes), pattern)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _token_mask(
+    shape: tuple[int, ...], t_axis: int, k_axes: tuple[int, ...], pattern: str
+) -> jax.Array:
     t = lax.broadcasted_iota(jnp.int32, shape, t_axis)
     if pattern == "even":
         return t % 2 == 0
@@ -298,7 +299,8 @@ def gradient_shift(dy: jax.Array, axis: int, scale: float) -> jax.Array:
     """The information-restoration shift: ``dY'[t] = dY[t] + scale · dY[t-1]``, wrapping around.
 
     Computed as ``dy + scale * jnp.roll(dy, 1, axis)`` in float32 (or wider, if ``dy`` is wider)
-    and cast back to ``dy``'s dtype. ``scale == 0`` returns ``dy`` itself, bit for bit.
+    and cast back to ``dy``'s dtype. A ``scale`` equal to 0 (a Python or NumPy number) returns ``dy``
+    itself, bit for bit (no ``0 · inf``).
 
     Args:
       dy: the output gradient.
@@ -319,7 +321,12 @@ def gradient_shift(dy: jax.Array, axis: int, scale: float) -> jax.Array:
     """
     dy = jnp.asarray(dy)
     axis = _normalize_axis("gradient_shift", "axis", axis, dy.ndim)
-    if isinstance(scale, (int, float)) and scale == 0:
+    if isinstance(scale, (int, float, np.number)) and scale == 0:
         return dy
+    return _gradient_shift(dy, axis, scale)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _gradient_shift(dy: jax.Array, axis: int, scale: float | jax.Array) -> jax.Array:
     wide = dy.astype(jnp.promote_types(dy.dtype, jnp.float32))
     return (wide + scale * jnp.roll(wide, 1, axis)).astype(dy.dtype)
