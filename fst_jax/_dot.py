@@ -85,12 +85,19 @@ def _backward_weight(plan: GemmPlan, w: jax.Array, w_f: jax.Array) -> jax.Array:
     return w_f
 
 
+def _like_sharding(mask: jax.Array, like: jax.Array) -> jax.Array:
+    """Gives a mask built from iota the sharding type of ``like`` (under an explicit-sharding mesh
+    the mask starts replicated, and ``where`` needs matching shardings)."""
+    want = jax.typeof(like).sharding.spec
+    return mask if jax.typeof(mask).sharding.spec == want else jax.sharding.reshard(mask, want)
+
+
 def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(A', dY') such that dW = vjp_W(A'·W)(dY')."""
     if plan.grad_weight == "fixed_mask":
         mask = _masks.token_mask(a.shape, token_axis=plan.t_axis, contracting_axes=plan.act_contract,
                                  pattern=plan.pattern)
-        return _masks.apply_mask(a, mask), _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
+        return _masks.apply_mask(a, _like_sharding(mask, a)), _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
     if plan.grad_weight == "prune_grad_output":
         return a, _masks.apply_mask(dy, _masks.mask_2to4(dy, axis=plan.t_out_axis))
     return a, dy

@@ -282,3 +282,36 @@ def test_closed_over_constant_is_neutral():
     rows = fst_jax.report(lambda p, x: jnp.sum(x @ (p[0] * const) @ const), CFG)(params, x).rows
     assert rows[0].weight == "rhs" and rows[0].forward == "sparse"
     assert rows[1].forward == "dense: constant operand"
+
+
+@pytest.mark.parametrize("mode", ["masked", "compact"])
+def test_explicit_sharding_mesh(mode):
+    """Under an explicit-sharding mesh the sharding types of every value must line up."""
+    stacked, x = jnp.stack(make()[0]), make()[1]
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    cfg = CFG.replace(mode=mode)
+
+    def scan_loss(stacked, x):
+        h, _ = lax.scan(lambda h, w: (layer(h, w), None), x, stacked)
+        return jnp.mean(h**2)
+
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+        out = jax.jit(sparse_value_and_grad(scan_loss, cfg))(stacked, xs)
+    close(out, sparse_value_and_grad(scan_loss, cfg)(stacked, x), rtol=1e-4)
+
+
+def test_avals_and_weak_types_preserved():
+    params, x = make()
+
+    def f(w, x, s):
+        inner = jax.jit(lambda h, s: (layer(h, w) * s, s + 1))
+        h, s2 = inner(x, s)
+        return jnp.sum(h), s2
+
+    j0 = jax.make_jaxpr(f)(params[0], x, 2.0)
+    j1 = jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params[0], x, 2.0)
+    assert "custom_vjp_call" in str(j1)
+    assert [(a.shape, a.dtype, a.weak_type) for a in j1.out_avals] == \
+        [(a.shape, a.dtype, a.weak_type) for a in j0.out_avals]
+    assert j1.out_avals[1].weak_type
