@@ -100,7 +100,10 @@ class FSTConfig:
       min_features: leave weight matmuls with ``K < min_features`` or ``O_last < min_features``
         dense ("small layer"). 0 disables.
       rules: ordered :class:`Rule` s; the first match wins and overrides skip_first/skip_last.
-      mode: ``"masked"`` (dense GEMMs on masked operands) or ``"compact"`` (not yet available).
+      mode: ``"compact"`` (default: the grad-weight product runs as dense GEMMs over the kept
+        half of the tokens, and only that half of the activation is saved for the backward pass)
+        or ``"masked"`` (dense GEMMs on masked operands, the reference). Both compute the same
+        numbers to float tolerance.
       backend: ``"xla"``, ``"pallas"`` (not yet available) or ``"auto"`` (XLA until the Pallas
         kernels land).
 
@@ -127,7 +130,7 @@ class FSTConfig:
     skip_last: bool = True
     min_features: int = 0
     rules: tuple[Rule, ...] = ()
-    mode: Mode = "masked"
+    mode: Mode = "compact"
     backend: Backend = "xla"
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ def test_defaults_are_the_papers_recipe():
     assert (c.forward, c.grad_input, c.grad_weight, c.pattern) == (True, "prune_output_dim", "fixed_mask",
                                                                    "checkerboard")
     assert (c.restore_scale, c.sr_ste, c.skip_first, c.skip_last) == (0.03, 2e-4, True, True)
-    assert (c.mode, c.backend, c.rules, c.min_features) == ("masked", "xla", (), 0)
+    assert (c.mode, c.backend, c.rules, c.min_features) == ("compact", "xla", (), 0)
 
 
 def test_frozen_keyword_only_hashable():
