@@ -2,6 +2,8 @@
 
 import functools
 
+import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,6 +239,14 @@ def test_cache_does_not_retrace():
     g(params, x)
     g(params, jnp.ones_like(x))
     assert len(calls) == 2  # tracers under jit(grad) have the same avals: the cached trace serves
+
+
+def test_cache_with_chex_max_traces():
+    params, x = make()
+    f = fst_jax.sparsify(chex.assert_max_traces(loss, n=1), CFG)
+    for _ in range(3):
+        f(params, x)
+        jax.grad(f)(params, x)
 
 
 @pytest.mark.parametrize("fwd", [
