@@ -1,0 +1,744 @@
+"""Benchmarks of fst_jax: dense vs masked vs compact FST, side by side, in one run.
+
+Run from the repository root::
+
+    python -m benchmarks.run            # full shapes; appends a dated section to benchmarks/RESULTS.md
+    python -m benchmarks.run --quick    # tiny shapes, 3 timed runs: a smoke run (< 1 minute)
+    python -m benchmarks.run --out DIR --no-append
+
+Everything runs on whatever backend JAX picks (``jax.default_backend()``). The run prints markdown
+tables, writes ``DIR/results.json`` and ``DIR/benchmarks.png`` (default ``DIR`` is
+``benchmarks/out/``) and, unless ``--quick`` or ``--no-append``, appends the tables with the
+machine description (date, platform, CPU, cores, JAX versions, backend, load average, command) to
+``benchmarks/RESULTS.md``.
+
+Sections (the keys of ``results.json``):
+
+``gemm``
+    The grad-weight product alone, ``dW = Aᵀ·dY`` for ``A: [T, K]``, ``dY: [T, O]``.
+    *dense* is ``jit(lambda a, dy: a.T @ dy)``. *masked* is what ``mode="masked"`` runs: the
+    token-masked ``A``, the shifted ``dY`` and a dense GEMM. *compact* is
+    ``fst_jax._dot._compact_grad_weight`` on the kept half of ``A`` already gathered (what the
+    compact custom_vjp saves as its residual): the shifted ``dY`` over the kept tokens and one half
+    GEMM (``even``) or two quarter GEMMs interleaved along ``K`` (``checkerboard``). *compact incl.
+    gather* also gathers the kept half of ``A`` from the full ``A`` inside the same jit (in
+    training that gather happens in the forward pass, once per step). Ratios are
+    ``dense time / other time``: above 1 means faster than dense.
+``gemm_profile``
+    At the target shape (``T=8192, K=O=1024``, f32): the compact product split into its pieces
+    (the GEMMs alone on pre-shifted ``dY``, the ``dY`` shift/slice alone, the ``A`` gather alone),
+    to show where the time goes.
+``train_step``
+    One jitted training step (forward, backward, ``optax.adamw`` update; nothing donated) of an
+    MLP and of a pre-LN transformer block, f32, for the untransformed loss (*dense*) and for
+    ``fst_jax.sparsify(loss, FSTConfig(mode=..., skip_first=False, skip_last=False))`` with
+    ``mode="masked"`` and ``mode="compact"``: *every* weight matmul is sparse, the first and last
+    included. Median of the timed runs after the warm-up runs, interleaved round-robin
+    (dense, masked, compact in each repetition), each call waited for with ``block_until_ready``.
+    A fourth variant, compact with ``pattern="even"``, runs in the same rotation for comparison
+    (the targets use the default pattern, checkerboard).
+``memory``
+    *residual bytes*: the summed ``nbytes`` of the distinct arrays held by the closure of
+    ``jax.vjp(loss, params, x)[1]`` (what the backward pass keeps from the forward pass; weights
+    included), on the real shapes, with the ``vjp`` under ``jax.jit``. *temp bytes*: ``memory_analysis().temp_size_in_bytes`` of the
+    compiled training step (``None`` where the backend does not say).
+``compile``
+    Trace + lower time (``jax.jit(step).lower(...)``) and compile time (``.compile()``) of the
+    training step, each on a fresh step function and a fresh ``sparsify`` wrapper, so that no
+    cache of either is reused; best of 3 (of 1 with ``--quick``). Library-level caches (for
+    example the jitted mask helpers) stay warm after the first repetition, as in any real run.
+``flops``
+    Matmul FLOPs of one training step (forward + both backward products) from
+    ``fst_jax.report``: dense, and FST with each 2:4-sparse product counted at half.
+
+Targets are shown next to the numbers with a met/missed marker; they are goals for the library,
+and the numbers are whatever this run measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import fst_jax
+from fst_jax import _dot
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "out"
+RESULTS_MD = ROOT / "RESULTS.md"
+RESULTS_HEADER = """# fst_jax benchmark results
+
+Each section below was appended by one run of `python -m benchmarks.run` (see the module
+docstring of `benchmarks/run.py` for what each table measures). Ratios are dense time / other
+time: above 1 means faster than dense. Timings on a shared or loaded machine are noisy: the load
+average at the start and end of each run is recorded with it.
+"""
+
+# Targets: (description, threshold, comparison).
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "gemm": ("grad-weight GEMM compact vs dense, f32, T=8192 K=O=1024", 1.6, ">="),
+    "train_compact": ("training step compact vs dense", 1.08, ">="),
+    "train_masked": ("training step masked vs dense (at most 1.3x slower)", 1 / 1.3, ">="),
+    "residual": ("residual bytes compact / dense", 0.8, "<="),
+    "compile": ("trace+lower+compile FST / dense", 2.0, "<="),
+}
+TARGET_GEMM_SHAPE = (8192, 1024, 1024)
+MODES = ("dense", "masked", "compact")
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _met(value: float | None, key: str) -> str:
+    """``"met"``/``"MISSED"`` for ``value`` against target ``key``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    _, threshold, op = TARGETS[key]
+    ok = value >= threshold if op == ">=" else value <= threshold
+    return "met" if ok else "MISSED"
+
+
+def _target_str(key: str) -> str:
+    _, threshold, op = TARGETS[key]
+    return f"{op} {threshold:.3g}"
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table of ``rows`` (cells are formatted with ``str``)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}"
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, runs: int) -> dict[str, list[float]]:
+    """Wall times (seconds) of each thunk, interleaved round-robin in the order of ``fns``.
+
+    Each thunk is called ``warmup`` times (untimed), then ``runs`` repetitions each call every
+    thunk once in turn, waiting for its result with ``jax.block_until_ready``.
+
+    Args:
+      fns: name -> a thunk that launches the computation and returns its (device) result.
+      warmup: untimed calls of each thunk first.
+      runs: timed repetitions.
+
+    Returns:
+      name -> the ``runs`` wall times in seconds.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(ts: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. grad-weight GEMM
+
+
+def matmul_plan(a: jax.Array, w: jax.Array, pattern: str, mode: str) -> _dot.GemmPlan:
+    """The :class:`fst_jax._dot.GemmPlan` that ``sparsify`` builds for ``a @ w`` (a: [T, K]).
+
+    The ``dot_general`` parameters are read from the jaxpr of ``a @ w`` on this JAX version.
+    """
+    params = jax.make_jaxpr(lambda a, w: a @ w)(a, w).eqns[0].params
+    return _dot.GemmPlan(
+        dot_params=tuple(sorted(params.items())), weight_side=1, forward=True,
+        grad_input="prune_output_dim", grad_weight="fixed_mask", k_axis=0, o_axis=1, t_axis=0,
+        t_out_axis=0, act_contract=(1,), pattern=pattern, restore_scale=0.03, mode=mode)
+
+
+def _masked_grad_weight(plan: _dot.GemmPlan, a: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array:
+    """The grad-weight product of ``mode="masked"``: masked A, shifted dY, one dense GEMM."""
+    a_g, dy_g = _dot._grad_weight_operands(plan, a, dy)
+    _, vjp_w = jax.vjp(lambda w_: _dot._dot(plan, a_g, w_), w)
+    return vjp_w(dy_g)[0]
+
+
+def _gemm_inputs(t: int, k: int, o: int, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ka, kd = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (t, k), dtype)
+    dy = jax.random.normal(kd, (t, o), dtype)
+    return a, jnp.zeros((k, o), dtype), dy
+
+
+def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, runs: int) -> dict[str, Any]:
+    """Times dense, masked, compact and compact-incl.-gather grad-weight products of one case."""
+    a, w, dy = _gemm_inputs(t, k, o, dtype)
+    plan = matmul_plan(a, w, pattern, "compact")
+    mplan = matmul_plan(a, w, pattern, "masked")
+    parts = jax.block_until_ready(jax.jit(functools.partial(_dot._compact_parts, plan))(a))
+    dense = jax.jit(lambda a, dy: a.T @ dy)
+    masked = jax.jit(functools.partial(_masked_grad_weight, mplan))
+    compact = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
+    gather = jax.jit(lambda a, w, dy: _dot._compact_grad_weight(plan, _dot._compact_parts(plan, a), w, dy))
+    times = time_interleaved({
+        "dense": lambda: dense(a, dy),
+        "masked": lambda: masked(a, w, dy),
+        "compact": lambda: compact(parts, w, dy),
+        "compact_gather": lambda: gather(a, w, dy),
+    }, warmup, runs)
+    res: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": jnp.dtype(dtype).name, "pattern": pattern,
+                           "flops_dense": 2 * t * k * o}
+    res.update({name: _summary(ts) for name, ts in times.items()})
+    d = res["dense"]["median_s"]
+    for name in ("masked", "compact", "compact_gather"):
+        res[f"speedup_{name}"] = d / res[name]["median_s"]
+    return res
+
+
+def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
+                 patterns: Sequence[str] = ("checkerboard", "even")) -> list[dict[str, Any]]:
+    """The compact grad-weight product at one shape (f32) split into its pieces, per pattern."""
+    a, w, dy = _gemm_inputs(t, k, o, jnp.float32)
+    out = []
+    for pattern in patterns:
+        plan = matmul_plan(a, w, pattern, "compact")
+        phases = (0, 1) if pattern == "checkerboard" else (0,)
+        parts = jax.jit(functools.partial(_dot._compact_parts, plan))(a)
+
+        def shift(dy: jax.Array) -> tuple[jax.Array, ...]:
+            return tuple(_dot._shifted_tokens(dy, 0, p, plan.restore_scale) for p in phases)
+
+        shifted = jax.block_until_ready(jax.jit(shift)(dy))
+        fns = {
+            "dense": functools.partial(jax.jit(lambda a, dy: a.T @ dy), a, dy),
+            "gemms_only": functools.partial(
+                jax.jit(lambda ps, ds: tuple(p.T @ d for p, d in zip(ps, ds))), parts, shifted),
+            "dy_shift_only": functools.partial(jax.jit(shift), dy),
+            "a_gather_only": functools.partial(jax.jit(functools.partial(_dot._compact_parts, plan)), a),
+            "compact": functools.partial(jax.jit(functools.partial(_dot._compact_grad_weight, plan)),
+                                         parts, w, dy),
+            "compact_gather": functools.partial(jax.jit(
+                lambda a, w, dy: _dot._compact_grad_weight(plan, _dot._compact_parts(plan, a), w, dy)), a, w, dy),
+        }
+        times = time_interleaved(fns, warmup, runs)
+        row: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": "float32", "pattern": pattern}
+        row.update({name: _summary(ts) for name, ts in times.items()})
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2.-5. Models, training step, memory, compile time, FLOPs
+
+
+class BenchMLP(nn.Module):
+    """``depth`` Dense layers of ``width`` with gelu between them (none after the last)."""
+
+    width: int
+    depth: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.depth):
+            x = nn.Dense(self.width)(x)
+            if i < self.depth - 1:
+                x = nn.gelu(x)
+        return x
+
+
+class BenchBlock(nn.Module):
+    """A pre-LN transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))`` (gelu, 4x)."""
+
+    num_heads: int
+    mlp_ratio: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d)(nn.LayerNorm()(x))
+        x = x + y
+        y = nn.Dense(d)(nn.gelu(nn.Dense(self.mlp_ratio * d)(nn.LayerNorm()(x))))
+        return x + y
+
+
+def model_cases(quick: bool) -> dict[str, dict[str, Any]]:
+    """The models: name -> module, input shape and a description."""
+    if quick:
+        return {
+            "mlp": dict(module=BenchMLP(width=64), x_shape=(256, 64),
+                        desc="MLP 4x Dense(64), gelu, x [256, 64]"),
+            "transformer_block": dict(module=BenchBlock(num_heads=2), x_shape=(4, 16, 32),
+                                      desc="pre-LN block d=32, 2 heads, MLP 4x, x [4, 16, 32]"),
+        }
+    return {
+        "mlp": dict(module=BenchMLP(width=1024), x_shape=(4096, 1024),
+                    desc="MLP 4x Dense(1024), gelu, x [4096, 1024]"),
+        "transformer_block": dict(module=BenchBlock(num_heads=8), x_shape=(16, 256, 512),
+                                  desc="pre-LN block d=512, 8 heads, MLP 4x, x [16, 256, 512]"),
+    }
+
+
+def make_loss(module: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """``loss(params, x) = mean(module(x) ** 2)``."""
+    def loss(params: Any, x: jax.Array) -> jax.Array:
+        y = module.apply({"params": params}, x)
+        return jnp.mean(jnp.square(y))
+    return loss
+
+
+def fst_config(mode: str) -> fst_jax.FSTConfig:
+    """The benchmarked config: every weight matmul sparse (no skip_first / skip_last)."""
+    return fst_jax.FSTConfig(mode=mode, skip_first=False, skip_last=False)
+
+
+def make_mode_loss(loss: Callable, mode: str) -> Callable:
+    """A fresh loss for ``mode``: the loss itself for dense, a new ``sparsify`` wrapper otherwise."""
+    if mode == "dense":
+        return lambda params, x: loss(params, x)
+    return fst_jax.sparsify(loss, fst_config(mode))
+
+
+def make_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
+    """A fresh (not yet jitted) training step ``(params, opt_state, x) -> (params, opt_state, loss)``."""
+    def step(params: Any, opt_state: Any, x: jax.Array) -> tuple[Any, Any, jax.Array]:
+        value, grads = jax.value_and_grad(loss)(params, x)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+    return step
+
+
+def residual_bytes(loss: Callable, params: Any, x: jax.Array) -> tuple[int, int]:
+    """(bytes, count) of the distinct arrays in the closure of ``jax.vjp(loss, params, x)[1]``.
+
+    The ``vjp`` runs under ``jax.jit`` (one compiled forward pass instead of op-by-op dispatch),
+    so the residuals are those a jitted training step keeps; the closure is returned as a pytree.
+    """
+    pull = jax.jit(lambda p, x: jax.vjp(loss, p, x)[1])(params, x)
+    seen: dict[int, int] = {}
+    for leaf in jax.tree_util.tree_leaves(pull):
+        if hasattr(leaf, "nbytes"):
+            seen[id(leaf)] = int(leaf.nbytes)
+    return sum(seen.values()), len(seen)
+
+
+def _temp_bytes(compiled: Any) -> dict[str, int | None]:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        stats = None
+    keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    return {k: (None if stats is None else getattr(stats, k, None)) for k in keys}
+
+
+def bench_model(name: str, case: dict[str, Any], warmup: int, runs: int, compile_reps: int,
+                progress: Callable[[str], None]) -> dict[str, Any]:
+    """All model sections (train step, memory, compile time, FLOPs) for one model."""
+    module, x_shape = case["module"], case["x_shape"]
+    kp, kx = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, x_shape, jnp.float32)
+    params = jax.jit(module.init)(kp, x)["params"]
+    loss = make_loss(module)
+    opt = optax.adamw(1e-3)
+    opt_state = opt.init(params)
+    out: dict[str, Any] = {"model": name, "desc": case["desc"],
+                           "n_params": sum(int(p.size) for p in jax.tree.leaves(params))}
+
+    # 5. FLOPs
+    rep = fst_jax.report(loss, fst_config("compact"))(params, x)
+    out["flops"] = {"dense": rep.flops_dense, "fst": rep.flops_fst,
+                    "ratio": rep.flops_fst / rep.flops_dense,
+                    "matmuls": len(rep.rows), "weight_matmuls": sum(r.weight is not None for r in rep.rows),
+                    "sparse_products": sum(r.sparse_gemms for r in rep.rows),
+                    "products": 3 * len(rep.rows)}
+    progress(f"{name}: compile")
+
+    # 4. compile time (fresh step function and sparsify wrapper per repetition)
+    compile_times: dict[str, dict[str, list[float]]] = {m: {"lower_s": [], "compile_s": []} for m in MODES}
+    compiled: dict[str, Any] = {}
+    for _ in range(compile_reps):
+        for mode in MODES:
+            step = make_step(make_mode_loss(loss, mode), opt)
+            t0 = time.perf_counter()
+            lowered = jax.jit(step).lower(params, opt_state, x)
+            t1 = time.perf_counter()
+            compiled[mode] = lowered.compile()
+            t2 = time.perf_counter()
+            compile_times[mode]["lower_s"].append(t1 - t0)
+            compile_times[mode]["compile_s"].append(t2 - t1)
+    comp: dict[str, Any] = {}
+    for mode in MODES:
+        ct = compile_times[mode]
+        totals = [lo + co for lo, co in zip(ct["lower_s"], ct["compile_s"])]
+        comp[mode] = {"lower_s": min(ct["lower_s"]), "compile_s": min(ct["compile_s"]),
+                      "total_s": min(totals), "all": ct}
+    for mode in ("masked", "compact"):
+        comp[mode]["total_vs_dense"] = comp[mode]["total_s"] / comp["dense"]["total_s"]
+    out["compile"] = comp
+    progress(f"{name}: memory")
+
+    # 3. memory
+    mem: dict[str, Any] = {}
+    for mode in MODES:
+        nbytes, count = residual_bytes(make_mode_loss(loss, mode), params, x)
+        mem[mode] = {"residual_bytes": nbytes, "residual_arrays": count, **_temp_bytes(compiled[mode])}
+    for mode in ("masked", "compact"):
+        mem[mode]["residual_vs_dense"] = mem[mode]["residual_bytes"] / mem["dense"]["residual_bytes"]
+        mem[mode]["temp_vs_dense"] = _ratio(mem[mode]["temp_size_in_bytes"], mem["dense"]["temp_size_in_bytes"])
+    out["memory"] = mem
+    progress(f"{name}: train step")
+
+    # 2. training step, interleaved; plus compact with pattern="even" for comparison
+    even = fst_jax.sparsify(loss, fst_config("compact").replace(pattern="even"))
+    compiled["compact_even"] = jax.jit(make_step(even, opt)).lower(params, opt_state, x).compile()
+    variants = (*MODES, "compact_even")
+    times = time_interleaved({m: functools.partial(compiled[m], params, opt_state, x) for m in variants},
+                             warmup, runs)
+    ts: dict[str, Any] = {m: _summary(times[m]) for m in variants}
+    for mode in variants[1:]:
+        ts[f"speedup_{mode}"] = ts["dense"]["median_s"] / ts[mode]["median_s"]
+    out["train_step"] = ts
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> str:
+    """Markdown tables of the GEMM section and its profile."""
+    rows = []
+    for r in gemm:
+        is_target = (r["T"], r["K"], r["O"]) == TARGET_GEMM_SHAPE and r["dtype"] == "float32"
+        rows.append([r["T"], r["K"], r["O"], r["dtype"], r["pattern"], _ms(r["dense"]["median_s"]),
+                     _ms(r["masked"]["median_s"]), _ms(r["compact"]["median_s"]),
+                     _ms(r["compact_gather"]["median_s"]), f"{r['speedup_masked']:.2f}",
+                     f"{r['speedup_compact']:.2f}", f"{r['speedup_compact_gather']:.2f}",
+                     _target_str("gemm") if is_target else "-",
+                     _met(r["speedup_compact"], "gemm") if is_target else "-"])
+    out = md_table(["T", "K", "O", "dtype", "pattern", "dense ms", "masked ms", "compact ms",
+                    "compact incl. gather ms", "dense/masked", "dense/compact",
+                    "dense/(compact incl. gather)", "target", "met"], rows)
+    prow = []
+    for r in profile:
+        d = r["dense"]["median_s"]
+        prow.append([r["pattern"], *(f"{_ms(r[k]['median_s'])} ({d / r[k]['median_s']:.2f}x)"
+                                     for k in ("dense", "gemms_only", "dy_shift_only", "a_gather_only",
+                                               "compact", "compact_gather"))])
+    if profile:
+        p0 = profile[0]
+        out += (f"\n\nWhere the compact time goes (T={p0['T']}, K={p0['K']}, O={p0['O']}, f32; ms, and "
+                "dense/that):\n\n")
+        out += md_table(["pattern", "dense", "compact GEMMs only", "dY shift+slice only", "A gather only",
+                         "compact", "compact incl. gather"], prow)
+    return out
+
+
+def model_tables(models: list[dict[str, Any]]) -> dict[str, str]:
+    """Markdown tables of the train-step, memory, compile and FLOPs sections."""
+    rows = []
+    for m in models:
+        t = m["train_step"]
+        rows.append([m["model"], _ms(t["dense"]["median_s"]), _ms(t["masked"]["median_s"]),
+                     _ms(t["compact"]["median_s"]), f"{t['speedup_masked']:.2f}", _target_str("train_masked"),
+                     _met(t["speedup_masked"], "train_masked"), f"{t['speedup_compact']:.2f}",
+                     _target_str("train_compact"), _met(t["speedup_compact"], "train_compact"),
+                     _ms(t["compact_even"]["median_s"]), f"{t['speedup_compact_even']:.2f}"])
+    train = md_table(["model", "dense ms", "masked ms", "compact ms", "dense/masked", "target", "met",
+                      "dense/compact", "target", "met", "compact (even) ms", "dense/compact (even)"], rows)
+    rows = []
+    for m in models:
+        for mode in MODES:
+            r = m["memory"][mode]
+            rv = r.get("residual_vs_dense")
+            rows.append([m["model"], mode, _mib(r["residual_bytes"]), r["residual_arrays"],
+                         "1.00" if mode == "dense" else _fmt_ratio(rv),
+                         _mib(r["temp_size_in_bytes"]),
+                         "1.00" if mode == "dense" else _fmt_ratio(r.get("temp_vs_dense")),
+                         _target_str("residual") if mode == "compact" else "-",
+                         _met(rv, "residual") if mode == "compact" else "-"])
+    memory = md_table(["model", "mode", "residual MiB", "residual arrays", "residual / dense",
+                       "compiled temp MiB", "temp / dense", "target", "met"], rows)
+    rows = []
+    for m in models:
+        for mode in MODES:
+            c = m["compile"][mode]
+            rv = c.get("total_vs_dense")
+            rows.append([m["model"], mode, f"{c['lower_s']:.2f}", f"{c['compile_s']:.2f}", f"{c['total_s']:.2f}",
+                         "1.00" if mode == "dense" else _fmt_ratio(rv),
+                         "-" if mode == "dense" else _target_str("compile"),
+                         "-" if mode == "dense" else _met(rv, "compile")])
+    compile_ = md_table(["model", "mode", "trace+lower s", "compile s", "total s (best)", "total / dense",
+                         "target", "met"], rows)
+    rows = []
+    for m in models:
+        f = m["flops"]
+        rows.append([m["model"], f"{f['dense'] / 1e9:.2f}", f"{f['fst'] / 1e9:.2f}", f"{f['ratio']:.3f}",
+                     f"{f['sparse_products']} / {f['products']}",
+                     f"{f['weight_matmuls']} of {f['matmuls']}"])
+    flops = md_table(["model", "dense GFLOP", "FST GFLOP", "FST / dense", "2:4-sparse products",
+                      "weight matmuls"], rows)
+    return {"train_step": train, "memory": memory, "compile": compile_, "flops": flops}
+
+
+def target_summary(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """The table of every target with the measured value, and the same as data."""
+    items: list[dict[str, Any]] = []
+    for r in results["gemm"]:
+        if (r["T"], r["K"], r["O"]) == TARGET_GEMM_SHAPE and r["dtype"] == "float32":
+            items.append(dict(key="gemm", what=f"{TARGETS['gemm'][0]}, {r['pattern']}",
+                              value=r["speedup_compact"]))
+    for m in results["models"]:
+        items.append(dict(key="train_compact", what=f"{TARGETS['train_compact'][0]}, {m['model']}",
+                          value=m["train_step"]["speedup_compact"]))
+        items.append(dict(key="train_masked", what=f"{TARGETS['train_masked'][0]}, {m['model']}",
+                          value=m["train_step"]["speedup_masked"]))
+        items.append(dict(key="residual", what=f"{TARGETS['residual'][0]}, {m['model']}",
+                          value=m["memory"]["compact"]["residual_vs_dense"]))
+        for mode in ("masked", "compact"):
+            items.append(dict(key="compile", what=f"{TARGETS['compile'][0]}, {m['model']}, {mode}",
+                              value=m["compile"][mode]["total_vs_dense"]))
+    for it in items:
+        it["target"] = _target_str(it["key"])
+        it["met"] = _met(it["value"], it["key"])
+    table = md_table(["target", "measured", "threshold", "met"],
+                     [[it["what"], f"{it['value']:.2f}", it["target"], it["met"]] for it in items])
+    return table, items
+
+
+def machine_info(argv: Sequence[str]) -> dict[str, Any]:
+    """Date, platform, CPU, cores, versions, backend, load average and the command."""
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jaxlib
+
+    devices = jax.devices()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device": f"{len(devices)} x {devices[0].device_kind}",
+        "loadavg_start": _loadavg(),
+        "command": "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in argv),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """A horizontal bar chart of the speed ratios (dense time / other time) per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    for r in results["gemm"]:
+        base = f"GEMM {r['T']}x{r['K']}x{r['O']} {r['dtype']} {r['pattern'][:5]}"
+        for key, color in (("compact", "tab:green"), ("compact_gather", "tab:olive"), ("masked", "tab:blue")):
+            labels.append(f"{base} {key.replace('_', '+')}")
+            values.append(r[f"speedup_{key}"])
+            colors.append(color)
+    for m in results["models"]:
+        for mode, color in (("compact", "tab:green"), ("compact_even", "tab:olive"), ("masked", "tab:blue")):
+            labels.append(f"train step {m['model']} {mode.replace('_', ' (') + ')' if '_' in mode else mode}")
+            values.append(m["train_step"][f"speedup_{mode}"])
+            colors.append(color)
+    fig, ax = plt.subplots(figsize=(9, 0.25 * len(labels) + 1.5))
+    y = np.arange(len(labels))
+    ax.barh(y, values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("dense time / time (> 1: faster than dense)")
+    ax.set_title(f"fst_jax speed ratios ({results['meta']['backend']}, {results['meta']['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 3 timed runs (a smoke run)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/out)")
+    p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    p.add_argument("--runs", type=int, default=None, help="timed runs (default: 3 with --quick, else 15)")
+    p.add_argument("--gemm-runs", type=int, default=None,
+                   help="timed runs of the GEMM cases (default: 3 with --quick, else 10)")
+    return p
+
+
+def gemm_cases(quick: bool) -> list[tuple[int, int, int, Any, str]]:
+    """(T, K, O, dtype, pattern) of every GEMM case."""
+    shapes = [(256, 64, 64)] if quick else [TARGET_GEMM_SHAPE, (4096, 512, 2048), (16384, 256, 256)]
+    return [(t, k, o, dt, pat) for (t, k, o) in shapes for dt in (jnp.float32, jnp.bfloat16)
+            for pat in ("checkerboard", "even")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs every section; prints the tables and writes results.json, benchmarks.png, RESULTS.md.
+
+    Args:
+      argv: command-line arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status, 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    runs = args.runs or (3 if args.quick else 15)
+    gemm_runs = args.gemm_runs or (3 if args.quick else 10)
+    warmup = 2
+    compile_reps = 1 if args.quick else 3
+    out_dir: Path = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = machine_info(argv)
+    meta.update(runs=runs, gemm_runs=gemm_runs, warmup=warmup, compile_reps=compile_reps, quick=args.quick)
+
+    cases = gemm_cases(args.quick)
+    models = model_cases(args.quick)
+    profile_shape = (512, 64, 64) if args.quick else TARGET_GEMM_SHAPE
+    steps_per_model = 4
+    bar = tqdm(total=len(cases) + 1 + steps_per_model * len(models), desc="benchmarks", unit="case",
+               file=sys.stderr, dynamic_ncols=True)
+
+    def progress(label: str) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    t_start = time.perf_counter()
+    gemm = []
+    for t, k, o, dt, pat in cases:
+        bar.set_postfix_str(f"GEMM {t}x{k}x{o} {jnp.dtype(dt).name} {pat}")
+        gemm.append(bench_gemm(t, k, o, dt, pat, warmup, gemm_runs))
+        bar.update(1)
+    bar.set_postfix_str("GEMM profile")
+    profile = profile_gemm(*profile_shape, warmup, gemm_runs,
+                           patterns=("checkerboard",) if args.quick else ("checkerboard", "even"))
+    bar.update(1)
+    model_results = []
+    for name, case in models.items():
+        bar.set_postfix_str(f"{name}: FLOPs")
+        model_results.append(bench_model(name, case, warmup, runs, compile_reps, progress))
+        progress(f"{name}: done")
+    bar.close()
+    meta["loadavg_end"] = _loadavg()
+    meta["wall_s"] = time.perf_counter() - t_start
+
+    results: dict[str, Any] = {
+        "meta": meta,
+        "gemm": gemm,
+        "gemm_profile": profile,
+        "models": model_results,
+        "train_step": {m["model"]: m["train_step"] for m in model_results},
+        "memory": {m["model"]: m["memory"] for m in model_results},
+        "compile": {m["model"]: m["compile"] for m in model_results},
+        "flops": {m["model"]: m["flops"] for m in model_results},
+    }
+    summary, items = target_summary(results)
+    results["targets"] = items
+    tables = model_tables(model_results)
+    model_desc = "; ".join(f"{m['model']}: {m['desc']}" for m in model_results)
+    text = "\n\n".join([
+        f"### grad-weight GEMM dW = Aᵀ·dY (median of {gemm_runs} runs; restore_scale=0.03)",
+        gemm_tables(gemm, profile),
+        f"### Training step (f32, adamw; median of {runs} interleaved runs after {warmup} warm-up)",
+        f"Models: {model_desc}. FST: `FSTConfig(mode=..., skip_first=False, skip_last=False)`: every "
+        "weight matmul is sparse, the first and last included; pattern checkerboard except in the "
+        "last two columns (`pattern=\"even\"`).",
+        tables["train_step"],
+        "### Memory (residuals of jit(jax.vjp) on the real shapes; compiled temp of the training step)",
+        tables["memory"],
+        f"### Trace+lower and compile time of the training step (best of {compile_reps}, fresh functions)",
+        tables["compile"],
+        "### Matmul FLOPs per training step (fst_jax.report)",
+        tables["flops"],
+        "### Targets",
+        summary,
+    ])
+    print(text)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out_dir / "benchmarks.png")
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'benchmarks.png'} "
+          f"({meta['wall_s']:.0f} s)")
+    if not args.quick and not args.no_append:
+        append_results(meta, text)
+        print(f"appended to {RESULTS_MD}")
+    return 0
+
+
+def append_results(meta: dict[str, Any], text: str) -> None:
+    """Appends a dated section (machine description + tables) to ``benchmarks/RESULTS.md``."""
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text(RESULTS_HEADER)
+    head = (f"\n## {meta['date']}\n\n"
+            f"- command: `{meta['command']}`\n"
+            f"- platform: {meta['platform']}; Python {meta['python']}\n"
+            f"- CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores\n"
+            f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}; backend `{meta['backend']}` ({meta['device']})\n"
+            f"- load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}\n"
+            f"- wall time {meta['wall_s']:.0f} s\n\n")
+    with RESULTS_MD.open("a") as f:
+        f.write(head + text.replace("### ", "#### ") + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Smoke test of the benchmark suite: ``benchmarks.run --quick`` runs and writes every section.
+
+Nothing here asserts on speed: only that each section is present and its numbers are positive.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import run
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
+    assert run.main(["--quick", "--out", str(tmp_path), "--no-append"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0
+    for section in ("gemm", "train_step", "memory", "compile", "flops"):
+        assert results[section], section
+
+    assert len(results["gemm"]) == 4  # one shape x (f32, bf16) x (checkerboard, even)
+    for case in results["gemm"]:
+        for name in ("dense", "masked", "compact", "compact_gather"):
+            assert _positive(case[name]["median_s"]), (case, name)
+        for name in ("masked", "compact", "compact_gather"):
+            assert _positive(case[f"speedup_{name}"])
+
+    assert set(results["train_step"]) == {"mlp", "transformer_block"}
+    for model in ("mlp", "transformer_block"):
+        step = results["train_step"][model]
+        for mode in ("dense", "masked", "compact"):
+            assert len(step[mode]["times_s"]) == 3
+            assert all(_positive(t) for t in step[mode]["times_s"])
+            mem = results["memory"][model][mode]
+            assert _positive(mem["residual_bytes"])
+            assert mem["temp_size_in_bytes"] is None or mem["temp_size_in_bytes"] >= 0
+            comp = results["compile"][model][mode]
+            assert _positive(comp["lower_s"]) and _positive(comp["compile_s"])
+        for name in ("masked", "compact", "compact_even"):
+            assert _positive(step[f"speedup_{name}"])
+        flops = results["flops"][model]
+        assert _positive(flops["dense"]) and _positive(flops["fst"])
+        assert flops["fst"] < flops["dense"]  # every weight matmul is sparse in the benchmark config
+        # the compact mode keeps half of each sparse matmul's activation
+        assert results["memory"][model]["compact"]["residual_bytes"] < results["memory"][model]["dense"]["residual_bytes"]
+
+    assert results["targets"] and all(t["met"] in ("met", "MISSED") for t in results["targets"])
