@@ -6,6 +6,10 @@ Differences handled here:
 * ``ClosedJaxpr`` is its own class in 0.10 and an alias of ``Jaxpr`` (carrying ``.consts``) in 0.11.
 * ``scan`` counts its consts and carries with ``num_consts``/``num_carry`` in 0.10 and with the
   ``ft_in`` flat trees in 0.11.
+* Lowering Pallas-Triton kernels for CUDA on a machine without a GPU: 0.10 needs nothing but
+  ``lowering_platforms=("cuda",)``; 0.11+ reads the target GPU from an ``AbstractMesh`` whose
+  ``abstract_device`` is a GPU (set with ``use_abstract_mesh``), and warns on every
+  Pallas-Triton lowering that the backend is deprecated.
 * ``shard_map`` bodies are re-traced by the primitive itself through ``subfuns``, which return a
   ``FlatTree`` (``jax._src.tree_util.FlatTree`` in 0.10, ``jax._src.flattree`` in 0.11).
 """
@@ -13,6 +17,8 @@ Differences handled here:
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -122,3 +128,60 @@ def like_param(orig: Any, new: Any, prim_name: str) -> Any:
             f"fst_jax: rewriting the body of {prim_name!r} created constants, which an open jaxpr "
             "cannot hold; please report this with the function that triggers it")
     return new.jaxpr
+
+
+# ------------------------------------------------------------------------------------------------
+# Pallas-Triton lowering for CUDA without a GPU
+
+#: The start of the ``DeprecationWarning`` that jax >= 0.11 emits for every Pallas-Triton lowering.
+TRITON_DEPRECATION_MESSAGE = "The Pallas Triton backend is deprecated"
+
+#: ``pytest.mark.filterwarnings`` / ini ``filterwarnings`` entry that ignores exactly that warning.
+TRITON_DEPRECATION_FILTER = f"ignore:{TRITON_DEPRECATION_MESSAGE}:DeprecationWarning"
+
+#: The ``device_kind`` of the GPU the kernels are lowered for (what an H100 SXM reports).
+H100_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
+_H100_NUM_CORES = 132  # streaming multiprocessors of an H100 SXM
+
+
+@contextlib.contextmanager
+def ignore_triton_deprecation() -> Iterator[None]:
+    """Ignores the Pallas-Triton deprecation warning of jax >= 0.11, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=re.escape(TRITON_DEPRECATION_MESSAGE), category=DeprecationWarning
+        )
+        yield
+
+
+@contextlib.contextmanager
+def abstract_gpu(device_kind: str = H100_DEVICE_KIND) -> Iterator[None]:
+    """Makes ``device_kind`` the target GPU of lowerings in this context (jax >= 0.11 only).
+
+    On jax 0.10 it does nothing: there the Triton lowering needs no device.
+    """
+    if JAX_VERSION < (0, 11):
+        yield
+        return
+    device = jax.sharding.AbstractDevice(
+        device_kind=device_kind, num_cores=_H100_NUM_CORES, platform="cuda"
+    )
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("_fst_gpu",), (jax.sharding.AxisType.Explicit,), abstract_device=device
+    )
+    with jax.sharding.use_abstract_mesh(mesh):
+        yield
+
+
+def lower_for_cuda(fn: Callable[..., Any], *args: Any) -> str:
+    """Lowers ``jax.jit(fn)(*args)`` for CUDA on any machine and returns the StableHLO text.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``. A Pallas-Triton kernel shows up in the text
+    as a ``stablehlo.custom_call`` to ``__gpu$xla.gpu.triton`` with the Triton module serialized in
+    its backend config. Lowering runs the whole Pallas-to-Triton-IR lowering, so it catches most
+    Triton lowering errors without a GPU; what the Triton compiler itself checks later
+    (shared memory, registers, layouts) shows only on a GPU.
+    """
+    with ignore_triton_deprecation(), abstract_gpu():
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        return lowered.as_text()
