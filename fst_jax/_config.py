@@ -104,12 +104,14 @@ class FSTConfig:
         half of the tokens, and only that half of the activation is saved for the backward pass)
         or ``"masked"`` (dense GEMMs on masked operands, the reference). Both compute the same
         numbers to float tolerance.
-      backend: ``"xla"``, ``"pallas"`` (not yet available) or ``"auto"`` (XLA until the Pallas
-        kernels land).
+      backend: ``"xla"``; ``"pallas"``: the Pallas-Triton kernels of :mod:`fst_jax.kernels` for
+        the forward and grad-input products, and in compact mode the fused-shift grad-weight
+        kernel, wherever the matmul is a plain one (a 2-D weight, one contracting dimension, no
+        batch dimensions, f32/bf16/f16), XLA elsewhere; on a CPU the kernels run in interpret
+        mode (slow: for testing); ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
 
     Raises:
       ValueError: a field has a value outside its allowed set.
-      NotImplementedError: a value whose implementation has not landed yet.
 
     Example:
       >>> import fst_jax
@@ -156,11 +158,6 @@ class FSTConfig:
             raise ValueError(
                 f"FSTConfig.sr_ste={self.sr_ste} acts on the weights that the forward mask drops, but "
                 "forward=False has no forward mask: pass sr_ste=0.0 with forward=False"
-            )
-        if self.backend == "pallas":
-            raise NotImplementedError(
-                "FSTConfig.backend='pallas' is not implemented yet (the Pallas kernels issue); "
-                "use backend='xla' or 'auto'"
             )
 
     def replace(self, **changes: object) -> FSTConfig:

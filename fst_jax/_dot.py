@@ -50,6 +50,7 @@ class GemmPlan:
     restore_scale: float = 0.0
     sr_ste: float = 0.0
     mode: str = "masked"  # "compact": grad-weight over the kept half of the tokens only
+    backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows (see _kernel_layout)
 
     @property
     def compact(self) -> bool:
@@ -163,10 +164,78 @@ def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: j
     return jnp.stack(halves, axis=k + 1).reshape(weight.shape)
 
 
+# ------------------------------------------------------------------------------------------------
+# The Pallas path: plain matmuls (one contracting dim, no batch dims, a 2-D weight) in f32/bf16/f16.
+
+
+def _kernel_layout(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array] | None:
+    """(A as [M, K], W as [K, O]) when the Pallas kernels can run this product, else None."""
+    (lc, _), (lb, rb) = plan.params["dimension_numbers"]
+    pet = plan.params.get("preferred_element_type")
+    if (plan.backend != "pallas" or lb or rb or len(lc) != 1 or weight.ndim != 2 or act.ndim < 2
+            or act.dtype != weight.dtype or act.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16)
+            or (pet is not None and pet != act.dtype)):
+        return None
+    a2 = jnp.moveaxis(act, plan.act_contract[0], -1)
+    return a2.reshape(-1, a2.shape[-1]), (weight if plan.k_axis == 0 else weight.T)
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _kernel_product(plan: GemmPlan, w_rows: jax.Array, b: jax.Array) -> jax.Array:
+    """``w_rows @ b`` for a ``w_rows`` that is 2:4 along its last axis, through the kernels."""
+    from fst_jax import kernels  # noqa: PLC0415 - Pallas is imported only when asked for
+
+    values, meta = kernels.prune_compress_2to4(w_rows, axis=-1, interpret=_interpret())
+    return kernels.sparse_matmul(values, meta, b, precision=plan.params.get("precision"),
+                                 interpret=_interpret())
+
+
+def _forward_product(plan: GemmPlan, act: jax.Array, w_f: jax.Array) -> jax.Array:
+    layout = _kernel_layout(plan, act, w_f)
+    if layout is None or not plan.forward:
+        return _dot(plan, act, w_f)
+    a2, w_ko = layout
+    y_t = _kernel_product(plan, w_ko.T, a2.T)  # [O, M]: W_fᵀ is 2:4 along K, its last axis
+    free = jnp.moveaxis(act, plan.act_contract[0], -1).shape[:-1]
+    return y_t.T.reshape(*free, -1) if plan.weight_side == 1 else y_t.reshape(-1, *free)
+
+
+def _grad_input_product(plan: GemmPlan, act: jax.Array, w_b: jax.Array, dy: jax.Array) -> jax.Array:
+    layout = _kernel_layout(plan, act, w_b)
+    if layout is None or plan.grad_input == "dense":
+        _, vjp_act = jax.vjp(lambda a: _dot(plan, a, w_b), act)
+        return vjp_act(dy)[0]
+    _, w_ko = layout
+    o = w_ko.shape[1]
+    dy2 = dy.reshape(-1, o) if plan.weight_side == 1 else dy.reshape(o, -1).T  # [M, O]
+    da_t = _kernel_product(plan, w_ko, dy2.T)  # [K, M]: W_b is 2:4 along O, its last axis
+    moved = jnp.moveaxis(act, plan.act_contract[0], -1).shape
+    return jnp.moveaxis(da_t.T.reshape(moved), -1, plan.act_contract[0]).astype(act.dtype)
+
+
+def _kernel_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array) -> jax.Array | None:
+    """The compact grad-weight product through the fused shift kernel, or None where it does not
+    apply (the weight on the lhs, the token axis not right before the contracting one)."""
+    layout = _kernel_layout(plan, act, weight)
+    if (layout is None or plan.weight_side != 1 or plan.act_contract[0] != act.ndim - 1
+            or plan.t_axis != act.ndim - 2):
+        return None
+    from fst_jax import kernels  # noqa: PLC0415
+
+    t, k = act.shape[-2:]
+    d_w = kernels.grad_weight_shift(act.reshape(-1, t, k), dy.reshape(-1, t, dy.shape[-1]), plan.pattern,
+                                    plan.restore_scale, precision=plan.params.get("precision"),
+                                    interpret=_interpret())
+    return d_w if plan.k_axis == 0 else d_w.T
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
     w_f, _ = _forward_weight(plan, weight)
-    return _dot(plan, act, w_f)
+    return _forward_product(plan, act, w_f)
 
 
 def _sparse_dot_fwd(act: jax.Array, weight: jax.Array, plan: GemmPlan):
@@ -181,11 +250,11 @@ def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
     # The grad-input product is linear in the activation: its value only fixes the shape (and,
     # in shard_map, the varying axes), so the compact mode passes the masked one.
     act = _from_compact(plan, saved) if plan.compact else saved
-    _, vjp_act = jax.vjp(lambda a: _dot(plan, a, w_b), act)
-    (d_act,) = vjp_act(dy)
-    if plan.compact:
+    d_act = _grad_input_product(plan, act, w_b, dy)
+    d_w = _kernel_grad_weight(plan, act, weight, dy) if plan.compact else None
+    if d_w is None and plan.compact:
         d_w = _compact_grad_weight(plan, saved, weight, dy)
-    else:
+    elif d_w is None:
         a_g, dy_g = _grad_weight_operands(plan, act, dy)
         _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
         (d_w,) = vjp_w(dy_g)

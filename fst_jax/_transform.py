@@ -264,7 +264,9 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
         grad_input=cfg.grad_input if gi_sparse else "dense",
         grad_weight=cfg.grad_weight if gw_sparse else "dense",
         pattern=cfg.pattern, restore_scale=cfg.restore_scale,
-        sr_ste=cfg.sr_ste if cfg.forward else 0.0, mode=cfg.mode)
+        sr_ste=cfg.sr_ste if cfg.forward else 0.0, mode=cfg.mode,
+        backend="pallas" if cfg.backend == "pallas" or (cfg.backend == "auto" and jax.default_backend() == "gpu")
+        else "xla")
     return Decision(site, side, path, fwd, gi, gw, plan)
 
 

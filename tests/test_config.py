@@ -49,9 +49,8 @@ def test_sr_ste_needs_a_forward_mask():
     fst_jax.FSTConfig(forward=False, sr_ste=0.0)
 
 
-def test_not_yet_implemented_values():
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        fst_jax.FSTConfig(backend="pallas")
+def test_backends_accepted():
+    assert {fst_jax.FSTConfig(backend=b).backend for b in ("xla", "pallas", "auto")} == {"xla", "pallas", "auto"}
 
 
 def test_rule_validation():
