@@ -51,10 +51,14 @@ class GemmPlan:
     sr_ste: float = 0.0
     mode: str = "masked"  # "compact": grad-weight over the kept half of the tokens only
     backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows (see _kernel_layout)
+    conv: bool = False  # a conv_general_dilated (weight = kernel = rhs) rather than a dot_general
+    t_out_axes: tuple[int, ...] = ()  # conv: the output's spatial axes, flattened row-major into t
 
     @property
     def compact(self) -> bool:
-        return self.mode == "compact" and self.grad_weight == "fixed_mask"
+        """Whether the grad-weight product runs over the kept tokens only (matmuls; convolutions
+        run it masked for now)."""
+        return self.mode == "compact" and self.grad_weight == "fixed_mask" and not self.conv
 
     @property
     def params(self) -> dict[str, Any]:
@@ -62,8 +66,10 @@ class GemmPlan:
 
 
 def _dot(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> jax.Array:
+    """The original product (``dot_general`` or ``conv_general_dilated``) on the given operands."""
     lhs, rhs = (weight, act) if plan.weight_side == 0 else (act, weight)
-    return lax.dot_general_p.bind(lhs, rhs, **plan.params)
+    prim = lax.conv_general_dilated_p if plan.conv else lax.dot_general_p
+    return prim.bind(lhs, rhs, **plan.params)
 
 
 def _forward_weight(plan: GemmPlan, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -170,6 +176,8 @@ def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: j
 
 def _kernel_layout(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array] | None:
     """(A as [M, K], W as [K, O]) when the Pallas kernels can run this product, else None."""
+    if plan.conv:
+        return None
     (lc, _), (lb, rb) = plan.params["dimension_numbers"]
     pet = plan.params.get("preferred_element_type")
     if (plan.backend != "pallas" or lb or rb or len(lc) != 1 or weight.ndim != 2 or act.ndim < 2
@@ -232,6 +240,42 @@ def _kernel_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: j
     return d_w if plan.k_axis == 0 else d_w.T
 
 
+# ------------------------------------------------------------------------------------------------
+# Convolutions: the token axis t is the output position within each image, flattened row-major
+# over the spatial axes; the fixed mask on the im2col columns M(t, k) (k = input channel) only
+# selects output positions per input channel, so it moves onto the output gradient.
+
+
+def _flat_tokens(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, Any]:
+    """``x`` with ``axes`` moved to the end (in order) and flattened, and the inverse map."""
+    ends = tuple(range(x.ndim - len(axes), x.ndim))
+    moved = jnp.moveaxis(x, axes, ends)
+    return moved.reshape(*moved.shape[:len(moved.shape) - len(axes)], -1), \
+        lambda y: jnp.moveaxis(y.reshape(moved.shape), ends, axes)
+
+
+def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array) -> jax.Array:
+    def grad(g: jax.Array) -> jax.Array:
+        _, vjp_w = jax.vjp(lambda w: _dot(plan, act, w), weight)
+        return vjp_w(g)[0]
+
+    if plan.grad_weight == "dense":
+        return grad(dy)
+    flat, unflat = _flat_tokens(dy, plan.t_out_axes)
+    if plan.grad_weight == "prune_grad_output":
+        return grad(unflat(_masks.apply_mask(flat, _masks.mask_2to4(flat, axis=-1))))
+    shifted = _masks.gradient_shift(flat, -1, plan.restore_scale)
+    t = _like_sharding(lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1), flat)
+
+    def tokens(parity: int) -> jax.Array:  # dY' at the kept output positions t % 2 == parity
+        return unflat(jnp.where(t % 2 == parity, shifted, jnp.zeros_like(shifted)))
+
+    if plan.pattern != "checkerboard":
+        return grad(tokens(int(plan.pattern == "odd")))
+    k = lax.broadcasted_iota(jnp.int32, weight.shape, plan.k_axis)  # the input channel
+    return jnp.where(k % 2 == 0, grad(tokens(0)), grad(tokens(1)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
     w_f, _ = _forward_weight(plan, weight)
@@ -254,6 +298,8 @@ def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
     d_w = _kernel_grad_weight(plan, act, weight, dy) if plan.compact else None
     if d_w is None and plan.compact:
         d_w = _compact_grad_weight(plan, saved, weight, dy)
+    elif plan.conv:
+        d_w = _conv_grad_weight(plan, act, weight, dy)
     elif d_w is None:
         a_g, dy_g = _grad_weight_operands(plan, act, dy)
         _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)

@@ -78,7 +78,7 @@ def _walk(jaxpr: Any, in_provs: Sequence[Any], prefix: tuple[Any, ...], trips: i
         path = prefix + (i,)
         ins = [read(v) for v in eqn.invars]
         subs = _subjaxprs(eqn.params)
-        if eqn.primitive is _compat.prims.dot_general_p:
+        if eqn.primitive in (_compat.prims.dot_general_p, _compat.prims.conv_general_dilated_p):
             sites.append(Site(path, eqn, ins[0], ins[1], trips, region))
             outs = [_join(*ins)]
         elif subs:
@@ -200,8 +200,8 @@ def decide(sites: Sequence[Site], config: FSTConfig, param_paths: Sequence[str])
     return out
 
 
-def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, first: bool,
-                          last: bool) -> Decision:
+def _dot_geometry(site: Site, side: int) -> tuple[GemmPlan, int | None, int | None, int | None, str | None]:
+    """(identity plan, K, O_last, T, reason to leave it all dense) of a dot_general."""
     eqn = site.eqn
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = (v.aval for v in eqn.invars[:2])
@@ -219,19 +219,51 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
         dot_params=tuple(sorted(eqn.params.items())), weight_side=side, forward=False,
         grad_input="dense", grad_weight="dense", k_axis=k_axis if k_axis is not None else 0,
         o_axis=o_axis, t_axis=t_axis, t_out_axis=t_out, act_contract=tuple(a_c))
-    ns = _compat.name_stack(eqn)
-    rule = next((r for r in cfg.rules if r.matches(path, ns)), None)
     K = w.shape[k_axis] if k_axis is not None else None
     O = w.shape[o_axis] if o_axis is not None else None
+    T = a.shape[t_axis] if t_axis is not None else None
+    return identity, K, O, T, None if k_axis is not None else "no contracting dimension"
+
+
+def _conv_geometry(site: Site, side: int) -> tuple[GemmPlan, int | None, int | None, int | None, str | None]:
+    """The same for a conv_general_dilated: K = input channels, O = output channels, T = output
+    positions per image (the spatial axes flattened row-major in dimension_numbers order)."""
+    p = site.eqn.params
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    w = site.eqn.invars[1].aval
+    out = site.eqn.outvars[0].aval
+    spatial = tuple(out_spec[2:])
+    T = math.prod(out.shape[d] for d in spatial) if spatial else None
+    identity = GemmPlan(
+        dot_params=tuple(sorted(p.items())), weight_side=side, forward=False, grad_input="dense",
+        grad_weight="dense", k_axis=rhs_spec[1], o_axis=rhs_spec[0], t_axis=None, t_out_axis=None,
+        act_contract=(lhs_spec[1],), conv=True, t_out_axes=spatial)
     reason = None
-    if rule is not None and rule.action == "dense":
+    if side != 1:
+        reason = "the weight is the convolution's input, not its kernel"
+    elif p["feature_group_count"] > 1 or p["batch_group_count"] > 1:
+        reason = "grouped or depthwise convolution"
+    elif any(d != 1 for d in p["lhs_dilation"]):
+        reason = "transposed (lhs-dilated) convolution"
+    return identity, w.shape[rhs_spec[1]], w.shape[rhs_spec[0]], T, reason
+
+
+def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, first: bool,
+                          last: bool) -> Decision:
+    eqn = site.eqn
+    conv = eqn.primitive is _compat.prims.conv_general_dilated_p
+    identity, K, O, T, structural = (_conv_geometry if conv else _dot_geometry)(site, side)
+    ns = _compat.name_stack(eqn)
+    rule = next((r for r in cfg.rules if r.matches(path, ns)), None)
+    reason = None
+    if structural is not None:
+        reason = structural
+    elif rule is not None and rule.action == "dense":
         reason = f"rule {rule.pattern!r} sends it to dense"
     elif rule is None and cfg.skip_first and first:
         reason = "first weight matmul (skip_first)"
     elif rule is None and cfg.skip_last and last:
         reason = "last weight matmul (skip_last)"
-    elif K is None:
-        reason = "no contracting dimension"
     elif cfg.min_features and (K < cfg.min_features or (O is not None and O < cfg.min_features)):
         reason = f"small layer (K={K}, O_last={O} < min_features={cfg.min_features})"
     elif K % 4:
@@ -248,7 +280,6 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
         gi = f"dense: O_last={O} not divisible by 4"
     else:
         gi = f"sparse ({cfg.grad_input})"
-    T = a.shape[t_axis] if t_axis is not None else None
     if cfg.grad_weight == "dense":
         gw = "dense: grad_weight='dense'"
     elif T is None:
@@ -256,7 +287,8 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
     elif T % 4:
         gw = f"dense: T={T} not divisible by 4"
     else:
-        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern}, {cfg.mode})" if cfg.grad_weight == "fixed_mask" \
+        mode = "masked" if conv else cfg.mode  # compact convolutions: not yet
+        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern}, {mode})" if cfg.grad_weight == "fixed_mask" \
             else f"sparse ({cfg.grad_weight})"
     gi_sparse, gw_sparse = gi.startswith("sparse"), gw.startswith("sparse")
     plan = dataclasses.replace(
@@ -544,8 +576,12 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
 
 
 def flops(site: Site) -> int:
-    """FLOPs of one ``dot_general`` (one call of it, one iteration)."""
+    """FLOPs of one ``dot_general`` or convolution (one call of it, one iteration)."""
     eqn = site.eqn
+    if eqn.primitive is _compat.prims.conv_general_dilated_p:
+        rhs = eqn.invars[1].aval
+        cout = rhs.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+        return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs.shape) // cout
     (lc, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval
     return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lc)
