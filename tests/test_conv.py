@@ -9,20 +9,13 @@ import pytest
 from jax import lax
 
 import fst_jax
+from references import mask_2to4
 
 S = jax.ShapeDtypeStruct
 ALL = fst_jax.FSTConfig(skip_first=False, skip_last=False, sr_ste=0.0)
 IDENTITY = ALL.replace(forward=False, grad_input="dense", grad_weight="dense")
 
 
-def np_mask_2to4(x, axis):
-    """Keep the 2 largest |x| of every 4 along axis (stable: ties keep the lower index)."""
-    x = np.moveaxis(np.asarray(x, np.float32), axis, -1)
-    g = x.reshape(*x.shape[:-1], -1, 4)
-    order = np.argsort(-np.abs(g), axis=-1, kind="stable")
-    keep = np.zeros(g.shape, bool)
-    np.put_along_axis(keep, order[..., :2], True, axis=-1)
-    return np.moveaxis(keep.reshape(x.shape), -1, axis)
 
 
 # Layouts: (lhs spec, rhs spec, out spec, x shape, w shape), 2-D or 1-D.
@@ -114,12 +107,12 @@ class Reference:
         return d.reshape(d.shape[0], -1, d.shape[-1])
 
     def w_forward(self, forward=True):
-        return self.w * np_mask_2to4(self.w, -2) if forward else self.w
+        return self.w * mask_2to4(self.w, -2) if forward else self.w
 
     def products(self, dy, grad_input="prune_output_dim", grad_weight="fixed_mask", pattern="checkerboard", s=0.0):
         w_f = self.w_forward()
         y = self.forward(self.x, w_f)
-        w_b = w_f * np_mask_2to4(w_f, -1) if grad_input == "prune_output_dim" else w_f
+        w_b = w_f * mask_2to4(w_f, -1) if grad_input == "prune_output_dim" else w_f
         dy_t = jnp.asarray(self.from_out_layout(dy))
         _, pull = jax.vjp(lambda xs: self.forward(xs, w_b), jnp.asarray(self.x))
         dx = pull(dy_t)[0]
@@ -135,7 +128,7 @@ class Reference:
             keep = {"checkerboard": (t + k) % 2 == 0, "even": (t % 2 == 0) | (k < 0), "odd": (t % 2 == 1) | (k < 0)}[pattern]
             cols = cols * keep[None, :, None, :]
         elif grad_weight == "prune_grad_output":
-            d = d * np_mask_2to4(d, 1)
+            d = d * mask_2to4(d, 1)
         dw = np.einsum("ntjc,nto->jco", cols, d).reshape(self.w.shape)
         dx_layout = np.asarray(dx).reshape(self.x.shape)
         spec = self.dn[0]
@@ -216,7 +209,7 @@ def test_sr_ste_term():
     w, x, kd = data("NHWC")
     _, dw0, _, _ = run(fn, ALL, w, x, kd)
     _, dw1, _, _ = run(fn, ALL.replace(sr_ste=0.1), w, x, kd)
-    close(dw1 - dw0, 0.1 * np.where(np_mask_2to4(w, 2), 0.0, w))
+    close(dw1 - dw0, 0.1 * np.where(mask_2to4(w, 2), 0.0, w))
 
 
 def conv_rows(fn, w_shape, x_shape, **kw):

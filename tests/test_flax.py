@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import fst_jax
+from references import mask_2to4
 from fst_jax import FSTConfig
 
 IDENTITY = FSTConfig(
@@ -26,17 +27,6 @@ IDENTITY = FSTConfig(
 )
 
 
-def mask_2to4(x: Any, axis: int) -> np.ndarray:
-    """Keep the 2 largest |x| of every 4 along ``axis`` (NaN as inf, ties keep the lower index)."""
-    mag = np.abs(np.asarray(x, dtype=np.float64))
-    mag = np.moveaxis(np.where(np.isnan(mag), np.inf, mag), axis, -1)
-    n = mag.shape[-1]
-    assert n % 4 == 0, n
-    groups = mag.reshape(mag.shape[:-1] + (n // 4, 4))
-    order = np.argsort(-groups, axis=-1, kind="stable")
-    keep = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order[..., :2], True, axis=-1)
-    return np.moveaxis(keep.reshape(mag.shape), -1, axis)
 
 
 def assert_trees_equal(got: Any, want: Any) -> None:

@@ -40,6 +40,7 @@ import pytest
 from jax import lax
 
 import fst_jax
+from references import magnitude, mask_2to4
 from fst_jax import FSTConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -47,25 +48,6 @@ from fst_jax import FSTConfig
 # ------------------------------------------------------------------------------------------------
 
 
-def _magnitude(x: Any) -> np.ndarray:
-    """|x| in float64, NaN counted as +inf."""
-    mag = np.abs(np.asarray(x, dtype=np.float64))
-    return np.where(np.isnan(mag), np.inf, mag)
-
-
-def mask_2to4(x: Any, axis: int) -> np.ndarray:
-    """Keep the 2 largest-magnitude entries of every 4 consecutive ones along ``axis``.
-
-    NaN counts as inf; ties keep the lower index (a stable sort of ``-|x|`` within each group).
-    """
-    mag = np.moveaxis(_magnitude(x), axis, -1)
-    n = mag.shape[-1]
-    assert n % 4 == 0, n
-    groups = mag.reshape(mag.shape[:-1] + (n // 4, 4))
-    order = np.argsort(-groups, axis=-1, kind="stable")
-    keep = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order[..., :2], True, axis=-1)
-    return np.moveaxis(keep.reshape(mag.shape), -1, axis)
 
 
 def _transposable_patterns() -> np.ndarray:
@@ -86,7 +68,7 @@ PATTERNS = _transposable_patterns()
 
 def transposable_mask(w: Any, k_axis: int, o_axis: int) -> np.ndarray:
     """Per 4×4 tile of (K, O_last): the pattern of max Σ|w|, first one on ties (brute force)."""
-    mag = np.moveaxis(_magnitude(w), (k_axis, o_axis), (-2, -1))
+    mag = np.moveaxis(magnitude(w), (k_axis, o_axis), (-2, -1))
     lead, (k, o) = mag.shape[:-2], mag.shape[-2:]
     assert k % 4 == 0 and o % 4 == 0, (k, o)
     tiles = mag.reshape(lead + (k // 4, 4, o // 4, 4)).swapaxes(-3, -2)  # (..., K/4, O/4, 4, 4)
