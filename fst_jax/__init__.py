@@ -13,6 +13,7 @@ Example:
   (8, 8)
 """
 
+from fst_jax import optax as optax
 from fst_jax._config import FSTConfig as FSTConfig
 from fst_jax._config import Rule as Rule
 from fst_jax._masks import apply_mask as apply_mask
@@ -35,6 +36,7 @@ __all__ = [
     "apply_mask",
     "gradient_shift",
     "mask_2to4",
+    "optax",
     "report",
     "sparsify",
     "token_mask",

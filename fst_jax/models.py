@@ -1,8 +1,15 @@
-"""Small Flax linen models for the examples and the ``fst-jax train`` command.
+"""Small Flax models (linen, and one nnx) for the examples and the ``fst-jax train`` command.
 
 The models are ordinary Flax code: nothing in them knows about FST. Sparse training comes from
 wrapping the *loss function* with :func:`fst_jax.sparsify`, which rewrites the weight matmuls
-that the models' ``nn.Dense`` and ``nn.MultiHeadDotProductAttention`` layers emit.
+that the models' ``nn.Dense``, ``nn.MultiHeadDotProductAttention`` and ``nnx.Linear`` layers emit.
+
+* :class:`MLP`: linen multilayer perceptron on flat inputs ``[B, D]``.
+* :class:`Transformer`: linen pre-LayerNorm encoder classifier on tokens ``[B, T, P]``.
+* :class:`CNN`: linen 1-D convolutional network on tokens ``[B, T, C]``, each convolution written
+  as :func:`unfold_windows` followed by ``nn.Dense`` (a matmul, not ``lax.conv``).
+* :class:`MLPNNX`: the :class:`MLP` written in Flax NNX (``nnx.Linear``), for training through
+  ``nnx.split`` / ``nnx.merge``.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-__all__ = ["MLP", "Transformer", "TransformerBlock"]
+__all__ = ["CNN", "MLP", "MLPNNX", "Transformer", "TransformerBlock", "unfold_windows"]
 
 
 class MLP(nn.Module):
@@ -149,3 +157,145 @@ class Transformer(nn.Module):
         x = jnp.mean(x, axis=1)
         x = nn.LayerNorm(name="final_norm")(x)
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+def unfold_windows(x: jax.Array, window: int) -> jax.Array:
+    """The sliding windows of a token sequence, concatenated: ``[B, T, C] → [B, T, window·C]``.
+
+    Output token ``t`` holds input tokens ``t − (window−1)//2 … t + window//2`` (zeros outside
+    the sequence, "SAME" padding), window position major, channel minor. ``nn.Dense`` on the
+    result is a stride-1 1-D convolution of width ``window`` written as one matmul, which
+    :func:`fst_jax.sparsify` treats as a weight matmul with ``K = window·C`` and token axis ``T``.
+
+    Args:
+      x: the tokens, ``[..., T, C]``.
+      window: the number of tokens per window (>= 1).
+
+    Returns:
+      The windows, ``[..., T, window·C]``.
+
+    Raises:
+      ValueError: ``x`` has fewer than 2 dimensions or ``window < 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fst_jax.models import unfold_windows
+      >>> x = jnp.arange(4.0).reshape(1, 4, 1)  # 4 tokens of 1 channel: 0 1 2 3
+      >>> print(unfold_windows(x, 3)[0])
+      [[0. 0. 1.]
+       [0. 1. 2.]
+       [1. 2. 3.]
+       [2. 3. 0.]]
+    """
+    if x.ndim < 2:
+        raise ValueError(f"unfold_windows expects tokens [..., T, C], got shape {x.shape}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"unfold_windows: window must be an int >= 1, got {window!r}")
+    seq = x.shape[-2]
+    left = (window - 1) // 2
+    pad = [(0, 0)] * (x.ndim - 2) + [(left, window - 1 - left), (0, 0)]
+    padded = jnp.pad(x, pad)
+    return jnp.concatenate([padded[..., i : i + seq, :] for i in range(window)], axis=-1)
+
+
+class CNN(nn.Module):
+    """A 1-D convolutional classifier over a token sequence, every convolution a matmul.
+
+    Tokens ``[B, T, C]`` → per layer: :func:`unfold_windows` then ``Dense(width) → gelu`` (a
+    "SAME" stride-1 convolution of width ``window``) → flatten ``[B, T·width]`` → ``Dense``
+    head. The sequence length stays ``T`` throughout, so the grad-weight product of every
+    convolution has the token axis ``T`` to sparsify (``T % 4 == 0`` is needed for that).
+
+    Attributes:
+      features: the number of channels of each convolution, e.g. ``(64, 64, 64)``.
+      window: the convolution width in tokens.
+      num_classes: the number of output logits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax.models import CNN
+      >>> model = CNN(features=(16, 16), num_classes=10)
+      >>> x = jnp.ones((4, 8, 5))  # 4 examples, 8 tokens of 5 samples
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> model.apply({"params": params}, x).shape
+      (4, 10)
+      >>> params["conv_0"]["kernel"].shape  # window 3 × 5 channels in, 16 out
+      (15, 16)
+    """
+
+    features: Sequence[int]
+    window: int = 3
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps tokens ``[B, T, C]`` to logits ``[B, num_classes]``.
+
+        Args:
+          x: the tokens, ``[B, T, C]``.
+
+        Returns:
+          The logits, ``[B, num_classes]``.
+
+        Raises:
+          ValueError: ``x`` is not 3-D.
+        """
+        if x.ndim != 3:
+            raise ValueError(f"CNN expects tokens of shape [B, T, C], got {x.shape}")
+        for i, width in enumerate(self.features):
+            x = nn.gelu(nn.Dense(width, name=f"conv_{i}")(unfold_windows(x, self.window)))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class MLPNNX(nnx.Module):
+    """The :class:`MLP` in Flax NNX: ``Linear → gelu`` per hidden layer, then a ``Linear`` head.
+
+    NNX modules hold their parameters, so they are created from ``in_features`` and an
+    ``nnx.Rngs``. To train one with :func:`fst_jax.sparsify`, split it into its graph and its
+    parameter state and pass the state as the loss's first argument (the ``params_argnums`` of
+    ``sparsify``), merging them back inside the loss.
+
+    Args:
+      in_features: the input width ``D``.
+      features: the width of each hidden layer.
+      num_classes: the number of output logits.
+      rngs: the random streams for the initialization.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, fst_jax
+      >>> from flax import nnx
+      >>> from fst_jax.models import MLPNNX
+      >>> model = MLPNNX(64, (32, 32), 10, rngs=nnx.Rngs(0))
+      >>> graphdef, params = nnx.split(model, nnx.Param)
+      >>> def loss(params, x, y):
+      ...     logits = nnx.merge(graphdef, params)(x)
+      ...     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      >>> x, y = jnp.ones((8, 64)), jnp.zeros((8,), jnp.int32)
+      >>> grads = jax.grad(fst_jax.sparsify(loss))(params, x, y)
+      >>> grads["layers"][1]["kernel"][...].shape
+      (32, 32)
+    """
+
+    def __init__(
+        self, in_features: int, features: Sequence[int], num_classes: int = 10, *, rngs: nnx.Rngs
+    ) -> None:
+        layers = []
+        for width in features:
+            layers.append(nnx.Linear(in_features, width, rngs=rngs))
+            in_features = width
+        self.layers = nnx.List(layers)
+        self.head = nnx.Linear(in_features, num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps inputs ``[..., D]`` to logits ``[..., num_classes]``.
+
+        Args:
+          x: the input features, ``[..., D]``.
+
+        Returns:
+          The logits, ``[..., num_classes]``.
+        """
+        for layer in self.layers:
+            x = nnx.gelu(layer(x))
+        return self.head(x)
