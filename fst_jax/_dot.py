@@ -1,4 +1,5 @@
-"""The FST sparse matmul: one ``dot_general`` as a ``jax.custom_vjp`` with three 2:4 products.
+"""The FST sparse matmul: one ``dot_general`` (or convolution) as a ``jax.custom_vjp`` with three
+2:4 products.
 
 ``sparse_dot(lhs, rhs, plan)`` computes, for ``Y = A·W`` (the weight on either side):
 
@@ -7,8 +8,8 @@
 * grad-weight ``dW = (M ⊙ A)ᵀ·dY' + λ(1−m_f)⊙W``  ``dY'[t] = dY[t] + s·dY[t−1]``
 
 with each product switched to its alternative or to dense by the static :class:`GemmPlan`. The
-grad-input and grad-weight products are formed with ``jax.vjp`` of the original ``dot_general``
-on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
+grad-input and grad-weight products are formed with ``jax.vjp`` of the original ``dot_general`` /
+``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
 transpose rules; the masks are recomputed in the backward pass, not stored.
 """
 
@@ -104,7 +105,8 @@ def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[
     if plan.grad_weight == "fixed_mask":
         mask = _masks.token_mask(a.shape, token_axis=plan.t_axis, contracting_axes=plan.act_contract,
                                  pattern=plan.pattern)
-        return _masks.apply_mask(a, _like_sharding(mask, a)), _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
+        a_kept = _masks.apply_mask(a, _like_sharding(mask, a))
+        return a_kept, _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
     if plan.grad_weight == "prune_grad_output":
         return a, _masks.apply_mask(dy, _masks.mask_2to4(dy, axis=plan.t_out_axis))
     return a, dy
