@@ -1,0 +1,71 @@
+"""Smoke test of the accuracy study: ``benchmarks.accuracy --quick`` runs and writes its report.
+
+Nothing here asserts on accuracy: only the structure of ``accuracy.json`` and that the parity
+verdict follows the rule from the numbers it reports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import accuracy
+
+
+def _check_stats(st: dict, n: int) -> None:
+    assert len(st["values"]) == n
+    assert all(isinstance(v, float) for v in st["values"])
+    assert isinstance(st["mean"], float)
+    if n == 1:
+        assert st["std"] is None and st["stderr"] is None
+
+
+def test_quick_run_writes_report(tmp_path: Path) -> None:
+    results_md = accuracy.RESULTS_MD.read_text() if accuracy.RESULTS_MD.exists() else None
+    assert accuracy.main(["--quick", "--suite", "all", "--no-append", "--out", str(tmp_path)]) == 0
+    # --quick never appends to RESULTS.md
+    assert (accuracy.RESULTS_MD.read_text() if accuracy.RESULTS_MD.exists() else None) == results_md
+
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert {"meta", "parity_rule", "main", "ablation"} <= set(report)
+    assert report["meta"]["command"].startswith("python -m benchmarks.accuracy")
+    assert len(report["main"]) == 2
+    assert len(report["ablation"]) == 2
+    for row in report["main"] + report["ablation"]:
+        for key in ("dataset", "model", "width", "config", "optimizer", "seeds", "steps",
+                    "dense", "fst", "paired_difference", "threshold_pt", "parity"):
+            assert key in row, key
+        assert row["steps"] == accuracy.QUICK_STEPS
+        assert row["seeds"] == [0]
+        for name in ("dense", "fst", "paired_difference"):
+            _check_stats(row[name], 1)
+        assert all(0.0 <= v <= 1.0 for v in row["dense"]["values"] + row["fst"]["values"])
+        diff = row["fst"]["values"][0] - row["dense"]["values"][0]
+        assert abs(row["paired_difference"]["mean"] - diff) < 1e-12
+        assert row["threshold_pt"] == accuracy.PARITY_PT  # one seed: no standard error
+        assert row["parity"] == (abs(100 * diff) <= accuracy.PARITY_PT)
+        assert Path(row["results_json"]).exists()
+    assert [r["name"] for r in report["ablation"]] == ["forward_only", "default"]
+    assert report["ablation"][0]["config"] == ["grad_input=dense", "grad_weight=dense"]
+
+
+def test_summarize_parity_rule() -> None:
+    """The verdict uses max(0.5 pt, 2 SE) of the paired difference."""
+    def results(dense: list[float], fst: list[float]) -> dict:
+        return {
+            "per_seed": [{"runs": {"dense": {"final": {"test_accuracy": d}},
+                                   "fst": {"final": {"test_accuracy": f}}}}
+                         for d, f in zip(dense, fst, strict=True)],
+            "model": {"depth": 1, "num_params": 1}, "args": {"steps": 1, "batch_size": 1},
+            "optimizer": {"lr": 1.0}, "seeds": list(range(len(dense))), "config": {},
+            "flops_per_step": {},
+        }
+
+    s = accuracy._setting("main", "x", "digits", "mlp", 8)
+    # constant difference of -1 pt: SE 0, bound 0.5 pt -> no parity
+    row = accuracy.summarize(s, results([0.9, 0.8, 0.7], [0.89, 0.79, 0.69]))
+    assert not row["parity"] and row["threshold_pt"] == accuracy.PARITY_PT
+    # differences -3, +1, -1 pt: mean -1 pt, SE ~1.15 pt, bound ~2.3 pt -> parity
+    row = accuracy.summarize(s, results([0.9, 0.8, 0.7], [0.87, 0.81, 0.69]))
+    assert row["parity"] and row["threshold_pt"] > 2.0
