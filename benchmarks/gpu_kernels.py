@@ -856,18 +856,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def append_results(meta: dict[str, Any], text: str) -> None:
     """Appends a dated section (device, versions, command, tables) to ``benchmarks/RESULTS.md``."""
-    path = cpu_suite.RESULTS_MD
-    if not path.exists():
-        path.write_text(cpu_suite.RESULTS_HEADER)
-    head = (f"\n## {meta['date']} — GPU kernels (`{COMMAND}`)\n\n"
-            f"- command: `{meta['command']}` (JAX_PLATFORMS={meta['jax_platforms']!r})\n"
-            f"- device: {meta['device_kind']} ({meta['device']}); backend `{meta['backend']}`\n"
-            f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}; Python {meta['python']}; {meta['platform']}\n"
-            f"- host CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores\n"
-            f"- median of {meta['runs']} timed runs after {meta['warmup']} warm-up (each run ≥ "
-            f"{meta['min_run_s'] * 1e3:.0f} ms of back-to-back calls); wall time {meta['wall_s']:.0f} s\n\n")
-    with path.open("a") as f:
-        f.write(head + text.replace("### ", "#### ") + "\n")
+    cpu_suite.append_section(f"{meta['date']} — GPU kernels (`{COMMAND}`)", [
+        f"command: `{meta['command']}` (JAX_PLATFORMS={meta['jax_platforms']!r})",
+        f"device: {meta['device_kind']} ({meta['device']}); backend `{meta['backend']}`",
+        f"jax {meta['jax']}, jaxlib {meta['jaxlib']}; Python {meta['python']}; {meta['platform']}",
+        f"host CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores",
+        f"median of {meta['runs']} timed runs after {meta['warmup']} warm-up (each run ≥ "
+        f"{meta['min_run_s'] * 1e3:.0f} ms of back-to-back calls); wall time {meta['wall_s']:.0f} s"], text)
 
 
 if __name__ == "__main__":

@@ -725,19 +725,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def append_results(meta: dict[str, Any], text: str) -> None:
-    """Appends a dated section (machine description + tables) to ``benchmarks/RESULTS.md``."""
+def machine_lines(meta: dict[str, Any]) -> list[str]:
+    """The machine description of a RESULTS.md section (command, platform, CPU, JAX, load, time)."""
+    return [f"command: `{meta['command']}`",
+            f"platform: {meta['platform']}; Python {meta['python']}",
+            f"CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores",
+            f"jax {meta['jax']}, jaxlib {meta['jaxlib']}; backend `{meta['backend']}` ({meta['device']})",
+            f"load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}",
+            f"wall time {meta['wall_s']:.0f} s"]
+
+
+def append_section(heading: str, lines: Sequence[str], text: str) -> None:
+    """Appends ``## heading``, a bullet list and ``text`` (``###`` demoted to ``####``) to
+    ``benchmarks/RESULTS.md`` (created with its header when missing). Every benchmark uses this."""
     if not RESULTS_MD.exists():
         RESULTS_MD.write_text(RESULTS_HEADER)
-    head = (f"\n## {meta['date']}\n\n"
-            f"- command: `{meta['command']}`\n"
-            f"- platform: {meta['platform']}; Python {meta['python']}\n"
-            f"- CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores\n"
-            f"- jax {meta['jax']}, jaxlib {meta['jaxlib']}; backend `{meta['backend']}` ({meta['device']})\n"
-            f"- load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}\n"
-            f"- wall time {meta['wall_s']:.0f} s\n\n")
+    head = f"\n## {heading}\n\n" + "".join(f"- {line}\n" for line in lines) + "\n"
     with RESULTS_MD.open("a") as f:
         f.write(head + text.replace("### ", "#### ") + "\n")
+
+
+def append_results(meta: dict[str, Any], text: str) -> None:
+    """Appends a dated section (machine description + tables) to ``benchmarks/RESULTS.md``."""
+    append_section(meta["date"], machine_lines(meta), text)
 
 
 if __name__ == "__main__":
