@@ -55,7 +55,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table
+from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
 PARITY_PT = 0.5  # percentage points
 DATASETS = ("digits", "mnist1d")

@@ -649,7 +649,6 @@ def target_items(results: dict[str, Any], interpret: bool) -> list[dict[str, Any
 def tables(results: dict[str, Any], interpret: bool) -> str:
     """The markdown text of a run."""
     ce, pc, sp, tr = (results[k] for k in ("ceilings", "prune_compress", "sparse_matmul", "train_step"))
-    copy_gb_s = ce["copy"]["gb_s"]
     parts: list[str] = []
     if interpret:
         parts.append(f"**{INTERPRET_NOTE}**")

@@ -59,13 +59,6 @@ def open_jaxpr(j: Any) -> tuple[Any, list[Any]]:
     return j, list(getattr(j, "consts", ()) or ())
 
 
-def is_closed(j: Any) -> bool:
-    """Whether ``j`` is a closed jaxpr (carries its consts) rather than an open one."""
-    if jex.ClosedJaxpr is jex.Jaxpr:  # 0.11: one class; params that were open carry no consts
-        return bool(getattr(j, "consts", ()))
-    return isinstance(j, jex.ClosedJaxpr)
-
-
 def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
     """(num_consts, num_carry) of a scan equation."""
     if "num_consts" in params:

@@ -430,7 +430,7 @@ class _Signature:
                     f"arrays, but the leaf at {tail or '<root>'} is a {type(leaf).__name__} ({leaf!r:.60}); "
                     "move non-array values to another argument marked static_argnums")
             leaves.append(leaf)
-            paths.append(label if param else keystr_arg(pos, kwargs_key=kp[1] if where == 1 else None, tail=tail))
+            paths.append(label if param else _arg_label(pos, kwargs_key=kp[1] if where == 1 else None, tail=tail))
             is_param.append(param)
         return static, leaves, tree, paths, is_param
 
@@ -445,7 +445,8 @@ class _Signature:
         return tuple(args), {**dyn_kwargs, **dict(static_kw)}
 
 
-def keystr_arg(pos: int | None, kwargs_key: Any = None, tail: str = "") -> str:
+def _arg_label(pos: int | None, kwargs_key: Any = None, tail: str = "") -> str:
+    """How an error names a non-parameter leaf: ``args[1]['x']`` or ``kwargs['x']``."""
     head = f"args[{pos}]" if pos is not None else f"kwargs{jax.tree_util.keystr((kwargs_key,))}"
     return head + tail
 
