@@ -2,16 +2,16 @@
 
 Run from the repository root::
 
-    python -m benchmarks.accuracy                      # main suite, 5 seeds; appends to RESULTS.md
-    python -m benchmarks.accuracy --suite ablation     # the ablation (3 seeds by default)
-    python -m benchmarks.accuracy --suite all --seeds 5 --ablation-seeds 5
+    python -m benchmarks.accuracy --suite all          # main grid + ablation, 5 seeds; appends to RESULTS.md
+    python -m benchmarks.accuracy --suite ablation     # the ablation only
     python -m benchmarks.accuracy --quick --no-append  # smoke run: 1 seed, 30 steps, tiny models
 
-Each setting is one in-process call of ``fst_jax.train.main([... , "--quiet", "--out", SUBDIR])``,
-which trains a dense and an FST model per seed from the same initialization on the same batches
-(the pair shares its seed). This module reads each ``SUBDIR/results.json`` and reports, per
-setting, the final test accuracy of each variant (mean ± std over seeds) and the paired
-difference FST − dense with its standard error (``stdev(differences) / √N``).
+Every run is one seed of one variant of ``fst-jax train`` (same data, initialization, batch
+order, optimizer and train step as :func:`fst_jax.train.main`), run through
+:mod:`fst_jax.train`'s functions by :class:`Runner`. A dense run and an FST run of the same
+seed share their initialization and batches (a pair). Per setting the study reports the final
+test accuracy of each variant (mean ± std over seeds) and the paired difference FST − dense with
+its standard error (``stdev(differences) / √N``).
 
 Parity rule (from the accuracy issue): ``|dense − FST| <= max(0.5 pt, 2 standard errors of the
 paired difference)``. With one seed there is no standard error, and the rule falls back to 0.5 pt
@@ -20,30 +20,26 @@ paired difference)``. With one seed there is no standard error, and the rule fal
 Suites:
 
 ``main``
-    datasets ``digits`` and ``mnist1d`` × models ``mlp`` and ``cnn`` × widths 64 and 256, default
-    training (``fst_jax.train`` defaults: 500 steps, batch 128, AdamW lr 1e-3 cosine) and the
-    default ``FSTConfig``. ``--datasets/--models/--widths`` select a sub-grid.
+    datasets ``digits`` and ``mnist1d`` × :data:`MODELS` × widths 64 and 256, the default
+    ``FSTConfig``, AdamW (lr 1e-3, warm-up + cosine), batch 128, :data:`STEPS` steps.
+    ``--datasets/--models/--widths`` select a sub-grid.
 ``ablation``
-    ``mnist1d`` / ``mlp`` / width 256 (``--ablation-setting`` changes it), AdamW, the variants of
-    :data:`ABLATION_VARIANTS` (forward only, + grad-input, the full default, restore_scale=1,
-    pattern=even, sr_ste 0 and 2e-2); ``--ablation-variants full`` adds the rest of the issue's
-    protocol (:data:`ABLATION_VARIANTS_EXTRA`: restore_scale 0 and 0.5, pattern=odd,
-    grad_weight=prune_grad_output, sr_ste 2e-3, SGD with sr_ste 0/2e-4/2e-3/2e-2, min_features
-    32/64/128). Every variant is paired with the same dense runs (same
-    seeds), so its difference vs dense is directly comparable.
+    the variants of :data:`ABLATION_VARIANTS` (the paper's ablation: forward only, + grad-input,
+    + grad-weight without and with restoration; ``restore_scale`` 0/0.03/0.5/1; each pattern;
+    ``prune_grad_output``; ``sr_ste`` sweeps for AdamW and SGD; ``min_features``) at each of
+    :data:`ABLATION_SETTINGS`. Every variant of a setting is paired with the same dense runs.
 
-Outputs: markdown tables on stdout, ``DIR/accuracy.json`` (rewritten after every setting, so an
-interrupted run keeps what it finished), ``DIR/accuracy.png`` (paired differences with 2-SE error
-bars) and, unless ``--quick`` or ``--no-append``, a dated section appended to
-``benchmarks/RESULTS.md`` with the command, machine and load. ``--reuse`` skips settings whose
-``results.json`` already exists in ``DIR`` with the same arguments (to resume or to combine runs).
+Outputs: markdown tables on stdout, ``DIR/accuracy.json`` (rewritten after every setting),
+``DIR/accuracy.png`` (paired differences with 2-SE error bars), ``DIR/runs/*.json`` (one per
+run: a later invocation reads finished runs back instead of retraining them, so an interrupted
+study resumes; ``--fresh`` retrains) and, unless ``--quick`` or ``--no-append``, a dated section
+appended to ``benchmarks/RESULTS.md`` with the command, machine and load.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import hashlib
 import json
 import math
 import shlex
@@ -53,40 +49,51 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import optax
 from tqdm import tqdm
+
+import fst_jax
 
 from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
 PARITY_PT = 0.5  # percentage points
 DATASETS = ("digits", "mnist1d")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "mlp_nnx", "cnn", "transformer")
 WIDTHS = (64, 256)
-ABLATION_SETTING = ("mnist1d", "mlp", 256)
+BATCH_SIZE = 128
+# Training steps per data set: enough for the dense models to fit the training set (MNIST-1D has
+# 4000 training signals, 2000 steps of 128 = 64 epochs; digits 1437 images, 500 steps = 44 epochs).
+STEPS = {"digits": 500, "mnist1d": 2000}
+# Where the ablation runs: the MLP at width 256 and the CNN at width 64 (the largest gap of the
+# first study), both on MNIST-1D (digits is too easy to separate the variants).
+ABLATION_SETTINGS = (("mnist1d", "mlp", 256), ("mnist1d", "cnn", 64))
 
-# name -> (description, --config overrides, optimizer)
+_NO_SKIP = ["skip_first=false", "skip_last=false"]
+# name -> (description, --config overrides, optimizer); the paper's ablation and the issue's sweeps.
 ABLATION_VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "forward_only": ("forward only (SR-STE)", ["grad_input=dense", "grad_weight=dense"], "adamw"),
+    "forward_only_sr_ste_2e-2": ("forward only, sr_ste=2e-2",
+                                 ["grad_input=dense", "grad_weight=dense", "sr_ste=2e-2"], "adamw"),
     "grad_input": ("+ grad-input", ["grad_weight=dense"], "adamw"),
-    "default": ("+ grad-weight (full default)", [], "adamw"),
-    "restore_1": ("default, restore_scale=1.0", ["restore_scale=1.0"], "adamw"),
-    "pattern_even": ("default, pattern=even", ["pattern=even"], "adamw"),
-    "sr_ste_0": ("default, sr_ste=0", ["sr_ste=0"], "adamw"),
-    "sr_ste_2e-2": ("default, sr_ste=2e-2", ["sr_ste=2e-2"], "adamw"),
-}
-# The rest of the paper's ablation protocol (``--ablation-variants full`` runs both dicts).
-ABLATION_VARIANTS_EXTRA: dict[str, tuple[str, list[str], str]] = {
-    "restore_0": ("fixed mask, no restoration (restore_scale=0)", ["restore_scale=0"], "adamw"),
-    "restore_0.5": ("default, restore_scale=0.5", ["restore_scale=0.5"], "adamw"),
-    "pattern_odd": ("default, pattern=odd", ["pattern=odd"], "adamw"),
-    "prune_grad_output": ("grad_weight=prune_grad_output", ["grad_weight=prune_grad_output"], "adamw"),
-    "sr_ste_2e-3": ("default, sr_ste=2e-3", ["sr_ste=2e-3"], "adamw"),
+    "restore_0": ("+ grad-weight, fixed mask, no restoration (restore_scale=0)", ["restore_scale=0"], "adamw"),
+    "default": ("+ restoration, restore_scale=0.03 (default)", [], "adamw"),
+    "restore_0.5": ("restore_scale=0.5", ["restore_scale=0.5"], "adamw"),
+    "restore_1": ("restore_scale=1", ["restore_scale=1.0"], "adamw"),
+    "pattern_even": ("pattern=even", ["pattern=even"], "adamw"),
+    "pattern_odd": ("pattern=odd", ["pattern=odd"], "adamw"),
+    "prune_grad_output": ("grad_weight=prune_grad_output (saliency)", ["grad_weight=prune_grad_output"], "adamw"),
+    "sr_ste_0": ("sr_ste=0", ["sr_ste=0"], "adamw"),
+    "sr_ste_2e-3": ("sr_ste=2e-3", ["sr_ste=2e-3"], "adamw"),
+    "sr_ste_2e-2": ("sr_ste=2e-2", ["sr_ste=2e-2"], "adamw"),
     "sgd_sr_ste_0": ("SGD, sr_ste=0", ["sr_ste=0"], "sgd"),
-    "sgd_sr_ste_2e-4": ("SGD, sr_ste=2e-4 (default)", [], "sgd"),
+    "sgd_sr_ste_2e-4": ("SGD, sr_ste=2e-4", ["sr_ste=2e-4"], "sgd"),
     "sgd_sr_ste_2e-3": ("SGD, sr_ste=2e-3", ["sr_ste=2e-3"], "sgd"),
     "sgd_sr_ste_2e-2": ("SGD, sr_ste=2e-2", ["sr_ste=2e-2"], "sgd"),
-    "min_features_32": ("default, min_features=32", ["min_features=32"], "adamw"),
-    "min_features_64": ("default, min_features=64", ["min_features=64"], "adamw"),
-    "min_features_128": ("default, min_features=128", ["min_features=128"], "adamw"),
+    "no_skip": ("first and last sparse too (skip_first/last=false)", _NO_SKIP, "adamw"),
+    "no_skip_min_32": ("no skip, min_features=32", [*_NO_SKIP, "min_features=32"], "adamw"),
+    "no_skip_min_64": ("no skip, min_features=64", [*_NO_SKIP, "min_features=64"], "adamw"),
+    "no_skip_min_128": ("no skip, min_features=128", [*_NO_SKIP, "min_features=128"], "adamw"),
+    "min_128": ("min_features=128", ["min_features=128"], "adamw"),
 }
 QUICK_STEPS = 30
 QUICK_WIDTH = 16
@@ -109,33 +116,20 @@ def main_settings(datasets: Sequence[str], models: Sequence[str], widths: Sequen
 
 
 def ablation_settings(dataset: str, model: str, width: int, quick: bool,
-                      variants: str = "core") -> list[dict[str, Any]]:
-    """The settings of the ablation (two tiny variants with ``quick``).
+                      variants: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The variants of :data:`ABLATION_VARIANTS` (all, or ``variants``) at one setting.
 
-    ``variants="core"`` runs :data:`ABLATION_VARIANTS`; ``"full"`` adds
-    :data:`ABLATION_VARIANTS_EXTRA` (the whole protocol of the accuracy issue).
+    With ``quick``: two variants of a tiny digits MLP.
     """
-    table = {**ABLATION_VARIANTS, **(ABLATION_VARIANTS_EXTRA if variants == "full" else {})}
-    names = ("forward_only", "default") if quick else tuple(table)
+    names = ("forward_only", "default") if quick else tuple(variants or ABLATION_VARIANTS)
     if quick:
         dataset, model, width = "digits", "mlp", QUICK_WIDTH
     out = []
     for n in names:
-        desc, cfg, opt = table[n]
+        desc, cfg, opt = ABLATION_VARIANTS[n]
         out.append(_setting("ablation", n, dataset, model, width, config=cfg, optimizer=opt,
                             description=desc))
     return out
-
-
-def train_argv(s: dict[str, Any], seeds: int, steps: int | None, out: Path) -> list[str]:
-    """The ``fst_jax.train.main`` arguments of setting ``s``."""
-    argv = ["--dataset", s["dataset"], "--model", s["model"], "--width", str(s["width"]),
-            "--optimizer", s["optimizer"], "--seeds", str(seeds), "--seed", "0"]
-    if steps is not None:
-        argv += ["--steps", str(steps)]
-    if s["config"]:
-        argv += ["--config", *s["config"]]
-    return argv + ["--quiet", "--out", str(out)]
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -157,13 +151,11 @@ def summarize(s: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     return {
         **s,
         "depth": results["model"]["depth"],
-        "num_params": results["model"]["num_params"],
         "steps": results["args"]["steps"],
         "batch_size": results["args"]["batch_size"],
         "lr": results["optimizer"]["lr"],
         "seeds": results["seeds"],
         "fst_config": results["config"],
-        "flops_per_step": results["flops_per_step"],
         "dense": _stats(acc["dense"]),
         "fst": _stats(acc["fst"]),
         "paired_difference": d,
@@ -185,7 +177,7 @@ def _diff(st: dict[str, Any]) -> str:
 
 
 def _verdict(r: dict[str, Any]) -> str:
-    v = "yes" if r["parity"] else "**no**"
+    v = "yes" if r["parity"] else "**no**" + (" (FST better)" if r["paired_difference"]["mean"] > 0 else "")
     return v + (" (1 seed)" if r["paired_difference"]["stderr"] is None else "")
 
 
@@ -200,7 +192,7 @@ def main_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the ablation."""
-    body = [[r["description"] + (" (reused)" if r.get("reused") else ""),
+    body = [[r["description"] + (" (read back)" if r.get("reused") else ""),
              " ".join(r["config"]) or "(default)", r["optimizer"],
              len(r["seeds"]), r["steps"], _pm(r["dense"]), _pm(r["fst"]),
              _diff(r["paired_difference"]), f"{r['threshold_pt']:.2f}", _verdict(r)] for r in rows]
@@ -244,48 +236,110 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=("main", "ablation", "all"), default="main")
     p.add_argument("--seeds", type=int, default=5, help="seeds per main setting (default: 5)")
-    p.add_argument("--ablation-seeds", type=int, default=3, help="seeds per ablation variant (default: 3)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: fst_jax.train's, 500)")
+    p.add_argument("--ablation-seeds", type=int, default=5, help="seeds per ablation variant (default: 5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default per data set: {STEPS})")
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    p.add_argument("--models", nargs="+", choices=("mlp", "cnn", "transformer", "mlp_nnx"),
-                   default=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS),
+                   help=f"models of fst_jax.train (default: {' '.join(MODELS)})")
     p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
-    p.add_argument("--ablation-setting", nargs=3, metavar=("DATASET", "MODEL", "WIDTH"),
-                   default=[str(v) for v in ABLATION_SETTING])
-    p.add_argument("--ablation-variants", choices=("core", "full"), default="core",
-                   help="core: the 7 variants of ABLATION_VARIANTS; full: the whole protocol "
-                   "(restore_scale 0/0.5, pattern odd, prune_grad_output, sr_ste sweeps for AdamW "
-                   "and SGD, min_features 32/64/128) (default: core)")
+    p.add_argument("--ablation-setting", nargs=3, action="append", metavar=("DATASET", "MODEL", "WIDTH"),
+                   help=f"where the ablation runs; repeatable (default: {ABLATION_SETTINGS})")
+    p.add_argument("--ablation-variants", nargs="+", choices=tuple(ABLATION_VARIANTS), default=None,
+                   help="a subset of the ablation variants (default: all)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 1 seed, {QUICK_STEPS} steps, two tiny settings per suite")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"))
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    p.add_argument("--reuse", action="store_true",
-                   help="skip settings whose results.json in --out has the same arguments")
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain every run instead of reading finished runs back from --out/runs")
     p.add_argument("--note", action="append", default=[], help="a line added to the RESULTS.md section")
     return p
 
 
-def _run_setting(s: dict[str, Any], seeds: int, steps: int | None, out: Path, reuse: bool
-                 ) -> tuple[dict[str, Any], float, bool]:
-    from fst_jax import train
+class Runner:
+    """Trains single (dataset, model, width, optimizer, steps, seed, variant) runs, cached on disk.
 
-    sub = out / s["suite"] / s["name"].replace("/", "_")
-    argv = train_argv(s, seeds, steps, sub)
-    rfile = sub / "results.json"
-    if reuse and rfile.exists():
-        prev = json.loads(rfile.read_text())
-        a = prev.get("args", {})
-        want = train.build_parser().parse_args(argv)
-        if all(a.get(k) == v for k, v in vars(want).items() if k not in ("out", "quiet")):
-            return prev, 0.0, True
-    t0 = time.perf_counter()
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = train.main(argv)
-    if rc != 0:
-        raise RuntimeError(f"fst_jax.train.main({argv}) returned {rc}:\n{buf.getvalue()}")
-    return json.loads(rfile.read_text()), time.perf_counter() - t0, False
+    One run is exactly what ``fst_jax.train.main`` does for one seed and one variant (same data,
+    initialization, batch order, optimizer and jitted train step), done through
+    :mod:`fst_jax.train`'s functions so that a dense run is trained once and shared by every FST
+    variant of the same setting (a dense run does not depend on the ``FSTConfig``). Each run's
+    final metrics go to ``DIR/runs/KEY.json``; a later invocation reads them back instead of
+    retraining (``--fresh`` retrains), and the table marks rows that read any run back.
+    """
+
+    def __init__(self, out: Path, fresh: bool = False) -> None:
+        self.dir = out / "runs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fresh = fresh
+        self._data: dict[tuple[str, str], Any] = {}
+        self._fns: dict[tuple, Any] = {}
+        self.trained = self.read_back = 0
+
+    def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> tuple[dict[str, Any], bool]:
+        """The final metrics of one run; ``(metrics, read_back)``."""
+        from fst_jax import train
+
+        depth = train.DEFAULT_DEPTH[s["model"]]
+        key = {"dataset": s["dataset"], "model": s["model"], "width": s["width"], "depth": depth,
+               "optimizer": s["optimizer"], "lr": train.DEFAULT_LR[s["optimizer"]], "steps": steps,
+               "batch_size": BATCH_SIZE, "seed": seed, "variant": variant,
+               "config": sorted(s["config"]) if variant == "fst" else None}
+        name = "_".join(str(key[k]) for k in ("dataset", "model", "width", "optimizer", "steps", "seed",
+                                               "variant"))
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        path = self.dir / f"{name}_{digest}.json"
+        if path.exists() and not self.fresh:
+            self.read_back += 1
+            return json.loads(path.read_text())["final"], True
+        dkey = (s["dataset"], s["model"])
+        if dkey not in self._data:
+            self._data[dkey] = train.load_dataset(*dkey)
+        data = self._data[dkey]
+        fkey = (s["dataset"], s["model"], s["width"], s["optimizer"], steps, variant, tuple(key["config"] or ()))
+        if fkey not in self._fns:
+            # The model functions of the first seed serve every seed, as in fst_jax.train.main.
+            _, predict_fn = train.init_model(s["model"], s["width"], depth, data.x_train, seed,
+                                             data.num_classes)
+
+            def loss_fn(p: Any, x: Any, y: Any) -> Any:
+                return optax.softmax_cross_entropy_with_integer_labels(predict_fn(p, x), y).mean()
+
+            if variant == "fst":
+                config = train.config_from_overrides(s["config"])
+                loss_fn, predict_fn = fst_jax.sparsify(loss_fn, config), fst_jax.sparsify(predict_fn, config)
+            tx = train.make_optimizer(s["optimizer"], key["lr"], steps)
+            self._fns[fkey] = (loss_fn, predict_fn, tx, {})
+        loss_fn, predict_fn, tx, cache = self._fns[fkey]
+        params, _ = train.init_model(s["model"], s["width"], depth, data.x_train, seed, data.num_classes)
+        batches = train._batch_indices(len(data.x_train), BATCH_SIZE, steps, seed)
+        _, result = train.train_run(variant, loss_fn, predict_fn, params, data, batches, tx,
+                                    eval_every=max(1, steps // 10), quiet=True, cache=cache)
+        final = result.final()
+        path.write_text(json.dumps({"key": key, "final": final,
+                                    "eval_steps": result.eval_steps,
+                                    "test_accuracy": result.test_accuracy}, indent=1) + "\n")
+        self.trained += 1
+        return final, False
+
+    def setting(self, s: dict[str, Any], seeds: int, steps: int) -> tuple[dict[str, Any], bool]:
+        """``results`` for :func:`summarize` (``per_seed`` dense/FST pairs) and whether any was read back."""
+        from fst_jax import train
+
+        per_seed, any_back = [], False
+        for seed in range(seeds):
+            runs = {}
+            for variant in ("dense", "fst"):
+                runs[variant], back = self.run(s, seed, variant, steps)
+                runs[variant] = {"final": runs[variant]}
+                any_back |= back
+            per_seed.append({"runs": runs})
+        results = {"per_seed": per_seed, "seeds": list(range(seeds)),
+                   "model": {"depth": train.DEFAULT_DEPTH[s["model"]]},
+                   "args": {"steps": steps, "batch_size": BATCH_SIZE},
+                   "optimizer": {"lr": train.DEFAULT_LR[s["optimizer"]]},
+                   "config": " ".join(s["config"]) or "(default)"}
+        return results, any_back
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,41 +352,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["command"] = "python -m benchmarks.accuracy" + "".join(" " + shlex.quote(a) for a in args_in)
     seeds_main = 1 if args.quick else args.seeds
     seeds_abl = 1 if args.quick else args.ablation_seeds
-    steps = QUICK_STEPS if args.quick else args.steps
     plan: list[tuple[dict[str, Any], int]] = []
     if args.suite in ("main", "all"):
         plan += [(s, seeds_main) for s in main_settings(args.datasets, args.models, args.widths, args.quick)]
     if args.suite in ("ablation", "all"):
-        d, m, w = args.ablation_setting
-        plan += [(s, seeds_abl) for s in ablation_settings(d, m, int(w), args.quick, args.ablation_variants)]
+        where = args.ablation_setting or ABLATION_SETTINGS
+        for d, m, w in where[:1] if args.quick else where:
+            plan += [(s, seeds_abl) for s in ablation_settings(d, m, int(w), args.quick, args.ablation_variants)]
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(out, fresh=args.fresh)
     report: dict[str, Any] = {"meta": meta, "parity_rule": (
         f"|FST - dense| <= max({PARITY_PT} pt, 2 * SE of the paired difference)"),
         "main": [], "ablation": []}
     bar = tqdm(plan, desc="settings", file=sys.stderr, dynamic_ncols=True)
     for s, n in bar:
         bar.set_postfix_str(f"{s['suite']}:{s['name']}")
-        results, wall, reused = _run_setting(s, n, steps, out, args.reuse)
+        steps = QUICK_STEPS if args.quick else (args.steps or STEPS[s["dataset"]])
+        t0 = time.perf_counter()
+        results, reused = runner.setting(s, n, steps)
         row = summarize(s, results)
-        row["wall_s"] = round(wall, 1)
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
         row["reused"] = reused
-        row["results_json"] = str(out / s["suite"] / s["name"].replace("/", "_") / "results.json")
         report[s["suite"]].append(row)
         report["meta"]["wall_s"] = time.perf_counter() - t_start
         (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     bar.close()
+    meta["runs_trained"], meta["runs_read_back"] = runner.trained, runner.read_back
 
     meta["loadavg_end"] = _loadavg()
     meta["wall_s"] = time.perf_counter() - t_start
     text = []
     if report["main"]:
         text.append("### Dense vs FST (default FSTConfig): final test accuracy\n\n" + main_table(report["main"]))
-    if report["ablation"]:
-        r0 = report["ablation"][0]
-        text.append(f"### Ablation: {r0['dataset']} / {r0['model']} / width {r0['width']}\n\n"
-                    + ablation_table(report["ablation"]))
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in report["ablation"]:
+        groups.setdefault((r["dataset"], r["model"], r["width"]), []).append(r)
+    for (d, m, w), rows in groups.items():
+        text.append(f"### Ablation: {d} / {m} / width {w}\n\n" + ablation_table(rows))
     body = "\n\n".join(text)
     print(body)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")

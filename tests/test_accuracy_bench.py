@@ -45,9 +45,20 @@ def test_quick_run_writes_report(tmp_path: Path) -> None:
         assert abs(row["paired_difference"]["mean"] - diff) < 1e-12
         assert row["threshold_pt"] == accuracy.PARITY_PT  # one seed: no standard error
         assert row["parity"] == (abs(100 * diff) <= accuracy.PARITY_PT)
-        assert Path(row["results_json"]).exists()
     assert [r["name"] for r in report["ablation"]] == ["forward_only", "default"]
     assert report["ablation"][0]["config"] == ["grad_input=dense", "grad_weight=dense"]
+    # One file per distinct run: the ablation's dense run and its default-config FST run are the
+    # main digits setting's runs (same key), so 4 main runs + 1 forward-only run.
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 5
+    assert report["meta"]["runs_trained"] == 5 and report["meta"]["runs_read_back"] == 3
+
+    # A second invocation reads every run back instead of retraining, with the same numbers.
+    assert accuracy.main(["--quick", "--suite", "all", "--no-append", "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "accuracy.json").read_text())
+    assert again["meta"]["runs_trained"] == 0 and again["meta"]["runs_read_back"] == 8
+    assert [r["paired_difference"] for r in again["main"] + again["ablation"]] == [
+        r["paired_difference"] for r in report["main"] + report["ablation"]]
+    assert all(r["reused"] for r in again["main"] + again["ablation"])
 
 
 def test_summarize_parity_rule() -> None:
