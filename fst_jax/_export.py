@@ -73,8 +73,8 @@ def _leaves(state: Any) -> frozenset[int]:
     return state.leaves if isinstance(state, _Broken) else frozenset()
 
 
-def _first_why(states: Sequence[Any]) -> str | None:
-    return next((s.why for s in states if isinstance(s, _Broken)), None)
+def _first_why(states: Sequence[Any]) -> str:
+    return next(s.why for s in states if isinstance(s, _Broken))
 
 
 @dataclasses.dataclass
@@ -103,7 +103,10 @@ class _Walker:
         """The state of a value computed from ``states`` by a non-structural op ``what``."""
         self._other_use(states, what, record)
         leaves = frozenset().union(*map(_leaves, states))
-        return _Broken(leaves, _first_why(states) or what) if leaves else None
+        if not leaves:
+            return None
+        fresh = any(isinstance(s, _View) for s in states)  # a weight itself goes through ``what``
+        return _Broken(leaves, what if fresh else _first_why(states))
 
     def walk(self, jaxpr: Any, states: Sequence[Any], prefix: tuple[Any, ...], record: bool) -> list[Any]:
         env: dict[Any, Any] = dict(zip(jaxpr.invars, states))
