@@ -237,8 +237,8 @@ class Masks:
       not_exportable: path -> why, for leaves that a sparse forward product prunes but that no
         single parameter mask reproduces (their ``tree`` entry is ``None``).
       unmasked: path -> why, for the leaves that no sparse forward product uses.
-      rows: path -> the sparse matmuls (rows of :func:`fst_jax.report`) whose masks a masked leaf
-        combines.
+      used_by: path -> the sparse matmuls (row numbers of :func:`fst_jax.report`) whose masks a
+        masked leaf combines.
 
     Example:
       >>> import jax.numpy as jnp, fst_jax
@@ -260,7 +260,7 @@ class Masks:
     shapes: tuple[tuple[int, ...], ...]
     not_exportable: Mapping[str, str]
     unmasked: Mapping[str, str]
-    rows: Mapping[str, tuple[int, ...]]
+    used_by: Mapping[str, tuple[int, ...]]
 
     def _flat(self) -> list[Any]:
         return jax.tree_util.tree_leaves(self.tree, is_leaf=lambda x: x is None)
@@ -278,7 +278,7 @@ class Masks:
             shape_str = f"({','.join(map(str, shape))})"
             if m is not None:
                 kept, total = counts[p]
-                where = ", ".join(f"#{r}" for r in self.rows[p])
+                where = ", ".join(f"#{r}" for r in self.used_by[p])
                 body.append((p, shape_str, f"2:4 from matmul {where}", f"{kept}/{total} ({kept / total:.3g})"))
             elif p in self.not_exportable:
                 body.append((p, shape_str, f"not exportable: {self.not_exportable[p]}", "-"))
@@ -375,7 +375,7 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
                     walker.bad.setdefault(leaf, f"sparse matmul #{i} was not reached by the export walk")
 
         masks: list[Any] = [None] * len(params)
-        not_exportable, unmasked, rows = {}, {}, {}
+        not_exportable, unmasked, used_by = {}, {}, {}
         todo = {}
         for leaf, uses in walker.uses.items():
             if leaf in walker.bad:
@@ -390,18 +390,18 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
         computed = jax.jit(lambda ps: {k: _leaf_mask(ps[k], u) for k, u in todo.items()})(
             {k: jnp.asarray(params[k]) for k in todo})
         for leaf, (mask, conflicts) in computed.items():
-            used_by = tuple(sorted({u.row for u in todo[leaf]}))
+            rows = tuple(sorted({u.row for u in todo[leaf]}))
             if int(conflicts):
                 not_exportable[paths[leaf]] = (
                     f"{int(conflicts)} of its entries get different forward masks at different places of "
-                    f"matmul(s) {', '.join(f'#{r}' for r in used_by)} (a shared or broadcast weight)")
+                    f"matmul(s) {', '.join(f'#{r}' for r in rows)} (a shared or broadcast weight)")
             else:
-                masks[leaf], rows[paths[leaf]] = mask, used_by
+                masks[leaf], used_by[paths[leaf]] = mask, rows
         for leaf, p in enumerate(paths):
             if masks[leaf] is None and p not in not_exportable:
                 unmasked[p] = _why_unmasked(traced.decisions, leaf)
         return Masks(_param_tree(sig, args, kwargs, masks), paths, tuple(np.shape(x) for x in params),
-                     not_exportable, unmasked, rows)
+                     not_exportable, unmasked, used_by)
 
     return run
 

@@ -113,11 +113,27 @@ def test_bf16_cast_mask_is_computed_on_the_cast_operand():
     assert not np.array_equal(np.asarray(masks.tree), np.asarray(fst_jax.mask_2to4(w, 0)))
 
 
-def test_transposed_weight():
+@pytest.mark.parametrize("grad_input", ["prune_output_dim", "transposable"])
+def test_transposed_weight(grad_input):
     rng = np.random.default_rng(3)
     w, x = _normal(rng, 12, 8), _normal(rng, 5, 8)
-    masks = _assert_same_forward(lambda w, x: x @ w.T, NO_SKIP, w, x)
-    np.testing.assert_array_equal(np.asarray(masks.tree), np.asarray(fst_jax.mask_2to4(w, axis=1)))
+    cfg = fst_jax.FSTConfig(skip_first=False, skip_last=False, grad_input=grad_input)
+    masks = _assert_same_forward(lambda w, x: x @ w.T, cfg, w, x)
+    want = fst_jax.mask_2to4(w, axis=1) if grad_input != "transposable" else \
+        fst_jax.transposable_mask_2to4(w, axes=(1, 0))  # the forward uses the transposable mask
+    np.testing.assert_array_equal(np.asarray(masks.tree), np.asarray(want))
+
+
+def test_broadcast_weight_and_k_not_multiple_of_4():
+    def f(p, x):  # a broadcast weight in a batched matmul, then a K=6 layer left dense
+        h = jnp.einsum("bk,bko->bo", x, jnp.broadcast_to(p["a"], (3, 8, 6)))
+        return jnp.tanh(h) @ p["b"]
+
+    rng = np.random.default_rng(11)
+    params = {"a": _normal(rng, 8, 6), "b": _normal(rng, 6, 4)}
+    masks = _assert_same_forward(f, NO_SKIP, params, _normal(rng, 3, 8))
+    _assert_half(masks, "['a']")
+    assert masks.tree["b"] is None and masks.unmasked["['b']"] == "matmul #1 forward is dense: K=6 not divisible by 4"
 
 
 class Convs(nn.Module):
@@ -192,7 +208,7 @@ def test_fused_weight_sliced_into_disjoint_parts_and_shared_weight():
     params = {"qk": _normal(rng, 8, 16), "w": _normal(rng, 8, 8)}
     masks = _assert_same_forward(f, NO_SKIP, params, _normal(rng, 3, 8))
     _assert_half(masks, "['qk']", "['w']")
-    assert masks.rows == {"['qk']": (0, 1), "['w']": (2, 3)}
+    assert masks.used_by == {"['qk']": (0, 1), "['w']": (2, 3)}
 
 
 def test_params_argnums_tuple_gives_the_grad_structure():
