@@ -164,10 +164,9 @@ class _Walker:
                               record)
         if name in _TRANSPARENT and len(subs) == 1:
             key, j, sub = subs[0]
-            if len(_compat.open_jaxpr(sub)[0].invars) == len(ins):
-                outs = sub_walk(key, j, sub, ins)
-                if len(outs) == len(eqn.outvars):
-                    return outs
+            inner = _compat.open_jaxpr(sub)[0]
+            if len(inner.invars) == len(ins) and len(inner.outvars) == len(eqn.outvars):
+                return sub_walk(key, j, sub, ins)
         # Anything else is opaque: its operands count as used, and a sparse matmul inside
         # sees them through the primitive.
         out = self._break(ins, name, record)
