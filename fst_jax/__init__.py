@@ -16,6 +16,9 @@ Example:
 from fst_jax import optax as optax
 from fst_jax._config import FSTConfig as FSTConfig
 from fst_jax._config import Rule as Rule
+from fst_jax._export import Masks as Masks
+from fst_jax._export import forward_masks as forward_masks
+from fst_jax._export import prune_params as prune_params
 from fst_jax._masks import apply_mask as apply_mask
 from fst_jax._masks import gradient_shift as gradient_shift
 from fst_jax._masks import mask_2to4 as mask_2to4
@@ -30,13 +33,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FSTConfig",
+    "Masks",
     "Report",
     "Row",
     "Rule",
     "apply_mask",
+    "forward_masks",
     "gradient_shift",
     "mask_2to4",
     "optax",
+    "prune_params",
     "report",
     "sparsify",
     "token_mask",
