@@ -2,8 +2,9 @@
 # Sets up and runs the whole test suite, from a fresh clone, with only Python 3.11+ and pip.
 #
 # 1. Python 3.11+ (`python3`, or $PYTHON): a virtual environment .venv with the package and its
-#    test extra; the newest jax pip serves there (0.10.2 on Python 3.11). Runs every test and every
-#    docstring example.
+#    test and docs extras; the newest jax pip serves there (0.10.2 on Python 3.11). Runs every test
+#    and every docstring example, then builds the docs with warnings as errors, which executes the
+#    notebooks (docs/_build/html).
 # 2. Python 3.12 with jax 0.11.2, the GPU machine's version, when a Python 3.12 is installed
 #    (pyenv's 3.12.x or python3.12 on PATH): .venv312, then the same suite. Skipped with a notice
 #    when there is no Python 3.12.
@@ -11,16 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-run_suite() {  # $1: venv dir, $2: python, $3...: extra pip requirements
-  local venv=$1 py=$2; shift 2
+run_suite() {  # $1: venv dir, $2: python, $3: the package's extras, $4...: extra pip requirements
+  local venv=$1 py=$2 extras=$3; shift 3
   echo "== $venv: $("$py" --version)"
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q -e '.[test]' "$@"
+  "$venv/bin/pip" install -q -e ".[$extras]" "$@"
   "$venv/bin/python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'
   "$venv/bin/python" -m pytest -q -n 2 tests fst_jax --doctest-modules
 }
 
-run_suite .venv "${PYTHON:-python3}"
+run_suite .venv "${PYTHON:-python3}" test,docs
+echo "== docs: sphinx -W (executes the pages and notebooks/)"
+.venv/bin/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 py312=""
 if command -v pyenv >/dev/null 2>&1; then
@@ -29,7 +32,7 @@ if command -v pyenv >/dev/null 2>&1; then
 fi
 [ -z "$py312" ] && command -v python3.12 >/dev/null 2>&1 && py312=$(command -v python3.12)
 if [ -n "$py312" ]; then
-  run_suite .venv312 "$py312" 'jax==0.11.2' 'jaxlib==0.11.2'
+  run_suite .venv312 "$py312" test 'jax==0.11.2' 'jaxlib==0.11.2'
 else
   echo "== no Python 3.12 found: the jax 0.11.2 run was NOT done (install Python 3.12 to run it)"
 fi
