@@ -9,8 +9,14 @@
 
 with each product switched to its alternative or to dense by the static :class:`GemmPlan`. The
 grad-input and grad-weight products are formed with ``jax.vjp`` of the original ``dot_general`` /
-``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
-transpose rules; the masks are recomputed in the backward pass, not stored.
+``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly
+those of JAX's own transpose rules; the masks are recomputed in the backward pass, not stored.
+
+Compact mode computes the grad-weight product from the kept half of the tokens only: strided
+slices of a matmul's activation, or for a convolution backward-filter convolutions over sub-grids
+of the kept output positions (doubled strides). Matmuls and 1×1 stride-1 unpadded convolutions
+save only the kept half of the activation; other convolutions save their whole input, which their
+overlapping windows read.
 """
 
 from __future__ import annotations
