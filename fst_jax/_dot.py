@@ -9,14 +9,21 @@
 
 with each product switched to its alternative or to dense by the static :class:`GemmPlan`. The
 grad-input and grad-weight products are formed with ``jax.vjp`` of the original ``dot_general`` /
-``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
-transpose rules; the masks are recomputed in the backward pass, not stored.
+``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly
+those of JAX's own transpose rules; the masks are recomputed in the backward pass, not stored.
+
+Compact mode computes the grad-weight product from the kept half of the tokens only: strided
+slices of a matmul's activation, or for a convolution backward-filter convolutions over sub-grids
+of the kept output positions (doubled strides). Matmuls and 1×1 stride-1 unpadded convolutions
+save only the kept half of the activation; other convolutions save their whole input, which their
+overlapping windows read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any
 
 import jax
@@ -57,9 +64,8 @@ class GemmPlan:
 
     @property
     def compact(self) -> bool:
-        """Whether the grad-weight product runs over the kept tokens only (matmuls; convolutions
-        run it masked for now)."""
-        return self.mode == "compact" and self.grad_weight == "fixed_mask" and not self.conv
+        """Whether the grad-weight product runs over the kept tokens (output positions) only."""
+        return self.mode == "compact" and self.grad_weight == "fixed_mask"
 
     @property
     def params(self) -> dict[str, Any]:
@@ -117,11 +123,12 @@ def _every_other(x: jax.Array, axis: int, phase: int) -> jax.Array:
     return lax.slice_in_dim(x, phase, x.shape[axis], stride=2, axis=axis)
 
 
-def _unstride(x: jax.Array, axis: int, phase: int) -> jax.Array:
-    """Inverse of :func:`_every_other` up to zeros: ``x`` 's entries at ``phase::2`` of a twice
-    longer axis (lengths are even here)."""
+def _unstride(x: jax.Array, axis: int, phase: int, length: int | None = None) -> jax.Array:
+    """Inverse of :func:`_every_other` up to zeros: ``x`` 's entries at ``phase::2`` of an axis of
+    ``length`` (default: twice as long)."""
+    length = 2 * x.shape[axis] if length is None else length
     cfg = [(0, 0, 0)] * x.ndim
-    cfg[axis] = (phase, 1 - phase, 1)
+    cfg[axis] = (phase, length - phase - 2 * x.shape[axis] + 1, 1)
     return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
@@ -278,6 +285,115 @@ def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax
     return jnp.where(k % 2 == 0, grad(tokens(0)), grad(tokens(1)))
 
 
+# Compact convolutions. The flat index t of an output position is Σ_i o_i·Π_{j>i} S_j, so its
+# parity is that of Σ o_i over the trailing spatial dims after which every size is odd: stripes
+# o_last ≡ p when the last size is even, a 2-D checkerboard when it is odd and the one before even,
+# and so on. Each such set is a union of sub-grids with step 2 along those dims; over a sub-grid the
+# convolution is the same convolution with doubled strides and a shifted start (padding_low −
+# offset·stride), so its grad-weight is an ordinary (smaller) backward-filter convolution.
+
+
+def _parities(plan: GemmPlan) -> tuple[int, ...]:
+    """The parities of t that the grad-weight reads: per input-channel parity for the checkerboard."""
+    return (0, 1) if plan.pattern == "checkerboard" else (int(plan.pattern == "odd"),)
+
+
+def _subgrids(out_sizes: tuple[int, ...], parity: int) -> list[dict[int, int]]:
+    """The output positions with ``t % 2 == parity`` as sub-grids: each a {spatial dim: offset}
+    taking ``offset::2`` along those dims (all positions along the others)."""
+    dims: list[int] = []
+    for i in reversed(range(len(out_sizes))):
+        if out_sizes[i] > 1:  # a size-1 dim's coordinate is always 0
+            dims.insert(0, i)
+        if out_sizes[i] % 2 == 0:  # the dims before it have an even weight in t
+            break
+    return [dict(zip(dims, off)) for off in itertools.product((0, 1), repeat=len(dims)) if sum(off) % 2 == parity]
+
+
+def _conv_layout(plan: GemmPlan, out_sizes: tuple[int, ...]) -> list[tuple[int, dict[int, int]]]:
+    """(parity, sub-grid) of every piece of the compact grad-weight, in a fixed order."""
+    return [(p, g) for p in _parities(plan) for g in _subgrids(out_sizes, p)]
+
+
+def _pointwise(plan: GemmPlan, weight: jax.Array) -> bool:
+    """A 1×1 stride-1 unpadded convolution: each output position reads only the input position
+    at the same place, so the kept output positions need only the kept half of the input."""
+    p = plan.params
+    rhs_spatial = p["dimension_numbers"].rhs_spec[2:]
+    return (all(weight.shape[d] == 1 for d in rhs_spatial) and all(s == 1 for s in p["window_strides"])
+            and all(tuple(pad) == (0, 0) for pad in p["padding"]))
+
+
+def _conv_piece(plan: GemmPlan, x: jax.Array, parity: int, grid: dict[int, int], pointwise: bool) -> jax.Array:
+    """The input that one piece's grad-weight convolution reads: the input channels of that parity
+    (checkerboard), and for a pointwise convolution only the sub-grid's positions."""
+    lhs_spec = plan.params["dimension_numbers"].lhs_spec
+    if plan.pattern == "checkerboard":
+        x = _every_other(x, lhs_spec[1], parity)
+    if pointwise:
+        for i, off in grid.items():
+            x = _every_other(x, lhs_spec[2 + i], off)
+    return x
+
+
+def _conv_pieces(plan: GemmPlan, x: jax.Array, out_sizes: tuple[int, ...], pointwise: bool) -> tuple[jax.Array, ...]:
+    return tuple(_conv_piece(plan, x, p, g, pointwise) for p, g in _conv_layout(plan, out_sizes))
+
+
+def _conv_from_pieces(plan: GemmPlan, pieces: tuple[jax.Array, ...], weight: jax.Array,
+                      out_sizes: tuple[int, ...]) -> jax.Array:
+    """The masked input of a pointwise convolution (its spatial sizes are ``out_sizes``), rebuilt
+    from its saved pieces: only its shape is read, by the grad-input product."""
+    lhs_spec = plan.params["dimension_numbers"].lhs_spec
+    full = None
+    for x, (p, g) in zip(pieces, _conv_layout(plan, out_sizes)):
+        if plan.pattern == "checkerboard":
+            x = _unstride(x, lhs_spec[1], p, weight.shape[plan.k_axis])
+        for d, off in g.items():
+            x = _unstride(x, lhs_spec[2 + d], off, out_sizes[d])
+        full = x if full is None else full + x
+    return full
+
+
+def _conv_compact_grad_weight(plan: GemmPlan, pieces: tuple[jax.Array, ...], weight: jax.Array, dy: jax.Array,
+                              pointwise: bool) -> jax.Array:
+    """dW from the kept output positions only: per piece (input-channel parity, sub-grid) one
+    backward-filter convolution over the sub-grid; the pieces of a parity are summed (in f32), the
+    two parities of the checkerboard interleaved along the input channels."""
+    dn = plan.params["dimension_numbers"]
+    out_sizes = tuple(dy.shape[a] for a in plan.t_out_axes)
+    flat, unflat = _flat_tokens(dy, plan.t_out_axes)
+    shifted = unflat(_masks.gradient_shift(flat, -1, plan.restore_scale))
+    wide = jnp.promote_types(weight.dtype, jnp.float32)
+    sums: dict[int, jax.Array] = {}
+    for x, (p, grid) in zip(pieces, _conv_layout(plan, out_sizes)):
+        w = _every_other(weight, plan.k_axis, p) if plan.pattern == "checkerboard" else weight
+        g, strides, padding = shifted, list(plan.params["window_strides"]), list(plan.params["padding"])
+        for i, off in grid.items():
+            g = _every_other(g, dn.out_spec[2 + i], off)
+            if not pointwise:  # start at the offset-th output position, step over every other one
+                padding[i] = (padding[i][0] - off * strides[i], padding[i][1])
+                strides[i] *= 2
+        sub = dataclasses.replace(plan, dot_params=tuple(sorted(
+            {**plan.params, "window_strides": tuple(strides), "padding": tuple(padding)}.items())))
+        _, vjp_w = jax.vjp(lambda w, sub=sub, x=x: _dot(sub, x, w), w)
+        d = vjp_w(g)[0]
+        sums[p] = d if p not in sums else sums[p].astype(wide) + d.astype(wide)
+    halves = [sums[p].astype(weight.dtype) for p in _parities(plan)]
+    if plan.pattern != "checkerboard":
+        return halves[0]
+    return jnp.stack(halves, axis=plan.k_axis + 1).reshape(weight.shape)
+
+
+def _conv_saved(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> Any:
+    """What a compact convolution keeps for the backward pass: the pieces of a pointwise one (half
+    the input), else the whole input (overlapping windows read every input position)."""
+    if not _pointwise(plan, weight):
+        return act
+    sizes = tuple(act.shape[d] for d in plan.params["dimension_numbers"].lhs_spec[2:])
+    return _conv_pieces(plan, act, sizes, True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
     w_f, _ = _forward_weight(plan, weight)
@@ -285,7 +401,10 @@ def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
 
 
 def _sparse_dot_fwd(act: jax.Array, weight: jax.Array, plan: GemmPlan):
-    saved = _compact_parts(plan, act) if plan.compact else act
+    if plan.compact:
+        saved = _conv_saved(plan, act, weight) if plan.conv else _compact_parts(plan, act)
+    else:
+        saved = act
     return _sparse_dot(act, weight, plan), (saved, weight)
 
 
@@ -295,17 +414,26 @@ def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
     w_b = _backward_weight(plan, weight, w_f)
     # The grad-input product is linear in the activation: its value only fixes the shape (and,
     # in shard_map, the varying axes), so the compact mode passes the masked one.
-    act = _from_compact(plan, saved) if plan.compact else saved
-    d_act = _grad_input_product(plan, act, w_b, dy)
-    d_w = _kernel_grad_weight(plan, act, weight, dy) if plan.compact else None
-    if d_w is None and plan.compact:
-        d_w = _compact_grad_weight(plan, saved, weight, dy)
+    if plan.compact and plan.conv:
+        pointwise = _pointwise(plan, weight)
+        out_sizes = tuple(dy.shape[a] for a in plan.t_out_axes)
+        act = _conv_from_pieces(plan, saved, weight, out_sizes) if pointwise else saved
+        pieces = saved if pointwise else _conv_pieces(plan, act, out_sizes, False)
+        d_w = _conv_compact_grad_weight(plan, pieces, weight, dy, pointwise)
+    elif plan.compact:
+        act = _from_compact(plan, saved)
+        d_w = _kernel_grad_weight(plan, act, weight, dy)
+        if d_w is None:
+            d_w = _compact_grad_weight(plan, saved, weight, dy)
     elif plan.conv:
+        act = saved
         d_w = _conv_grad_weight(plan, act, weight, dy)
-    elif d_w is None:
+    else:
+        act = saved
         a_g, dy_g = _grad_weight_operands(plan, act, dy)
         _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
         (d_w,) = vjp_w(dy_g)
+    d_act = _grad_input_product(plan, act, w_b, dy)
     if plan.sr_ste and mask_f is not None:
         decay = plan.sr_ste * jnp.where(mask_f, jnp.zeros_like(weight), weight)
         d_w = d_w + decay.astype(d_w.dtype)

@@ -287,8 +287,7 @@ def _decide_weight_matmul(site: Site, side: int, path: str, cfg: FSTConfig, firs
     elif T % 4:
         gw = f"dense: T={T} not divisible by 4"
     else:
-        mode = "masked" if conv else cfg.mode  # compact convolutions: not yet
-        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern}, {mode})" if cfg.grad_weight == "fixed_mask" \
+        gw = f"sparse ({cfg.grad_weight}, {cfg.pattern}, {cfg.mode})" if cfg.grad_weight == "fixed_mask" \
             else f"sparse ({cfg.grad_weight})"
     gi_sparse, gw_sparse = gi.startswith("sparse"), gw.startswith("sparse")
     plan = dataclasses.replace(

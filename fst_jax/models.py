@@ -8,6 +8,8 @@ that the models' ``nn.Dense``, ``nn.MultiHeadDotProductAttention`` and ``nnx.Lin
 * :class:`Transformer`: linen pre-LayerNorm encoder classifier on tokens ``[B, T, P]``.
 * :class:`CNN`: linen 1-D convolutional network on tokens ``[B, T, C]``, each convolution written
   as :func:`unfold_windows` followed by ``nn.Dense`` (a matmul, not ``lax.conv``).
+* :class:`ResNet`: linen residual CNN with ``nn.Conv`` (``lax.conv_general_dilated``) over signals
+  ``[B, L, C]`` (1-D) or images ``[B, H, W, C]`` (2-D).
 * :class:`MLPNNX`: the :class:`MLP` written in Flax NNX (``nnx.Linear``), for training through
   ``nnx.split`` / ``nnx.merge``.
 """
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["CNN", "MLP", "MLPNNX", "Transformer", "TransformerBlock", "unfold_windows"]
+__all__ = ["CNN", "MLP", "MLPNNX", "ResNet", "ResidualBlock", "Transformer", "TransformerBlock", "unfold_windows"]
 
 
 class MLP(nn.Module):
@@ -245,6 +247,121 @@ class CNN(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.gelu(nn.Dense(width, name=f"conv_{i}")(unfold_windows(x, self.window)))
         x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ResidualBlock(nn.Module):
+    """A pre-activation residual block: ``x + conv(act(norm(conv(act(norm(x))))))``, 3-wide kernels.
+
+    With ``strides=2`` the first convolution halves every spatial size (rounding up, "SAME"
+    padding) and the shortcut is a 2-wide average pool with stride 2, so the block has no
+    projection weights and the channel count stays the same.
+
+    Attributes:
+      features: the channel count (in and out).
+      strides: 1, or 2 to downsample.
+      num_groups: the groups of each ``nn.GroupNorm`` (must divide ``features``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax.models import ResidualBlock
+      >>> block = ResidualBlock(features=8, strides=2, num_groups=4)
+      >>> x = jnp.ones((2, 8, 8, 8))
+      >>> params = block.init(jax.random.key(0), x)["params"]
+      >>> block.apply({"params": params}, x).shape
+      (2, 4, 4, 8)
+    """
+
+    features: int
+    strides: int = 1
+    num_groups: int = 8
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the block to ``[B, *spatial, features]``.
+
+        Args:
+          x: the feature map, channels last.
+
+        Returns:
+          The feature map, spatial sizes divided by ``strides`` (rounded up).
+        """
+        nsp = x.ndim - 2
+        y = nn.Conv(self.features, (3,) * nsp, strides=self.strides)(
+            nn.relu(nn.GroupNorm(num_groups=self.num_groups)(x)))
+        y = nn.Conv(self.features, (3,) * nsp)(nn.relu(nn.GroupNorm(num_groups=self.num_groups)(y)))
+        if self.strides != 1:
+            x = nn.avg_pool(x, (2,) * nsp, strides=(2,) * nsp, padding="SAME")
+        return x + y
+
+
+class ResNet(nn.Module):
+    """A small residual CNN with real convolutions, 1-D or 2-D by the input's rank.
+
+    ``[B, L, C]`` (1-D) or ``[B, H, W, C]`` (2-D) → 3-wide ``nn.Conv`` stem to ``features``
+    channels → ``num_blocks`` :class:`ResidualBlock` s (block ``i >= 1`` with ``i`` odd downsamples
+    by 2 when ``downsample``) → ``GroupNorm → relu`` → global average pool → ``Dense`` head. As in
+    the FST paper, the stem (the first weight matmul, few input channels) and the classifier (the
+    last) are what ``FSTConfig(skip_first=True, skip_last=True)`` leaves dense; every block
+    convolution is sparsified in all three products.
+
+    Normalization is ``nn.GroupNorm``, not ``nn.BatchNorm``: it needs no ``batch_stats``
+    collection, so the model is a pure ``apply(params, x)`` like the others (one loss function for
+    training and evaluation), and it does not depend on the batch.
+
+    Attributes:
+      features: the channel count of the stem and every block.
+      num_blocks: the number of residual blocks (two convolutions each).
+      downsample: halve the spatial sizes at blocks 1, 3, 5, ...
+      num_groups: the groups of each ``nn.GroupNorm`` (must divide ``features``).
+      num_classes: the number of output logits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax.models import ResNet
+      >>> model = ResNet(features=8, num_blocks=2, num_groups=4)
+      >>> signal = jnp.ones((4, 40, 1))  # 1-D: 4 signals of 40 samples
+      >>> params = model.init(jax.random.key(0), signal)["params"]
+      >>> model.apply({"params": params}, signal).shape
+      (4, 10)
+      >>> params["ResidualBlock_0"]["Conv_0"]["kernel"].shape  # width 3, 8 channels in and out
+      (3, 8, 8)
+      >>> images = jnp.ones((4, 8, 8, 1))  # 2-D: 4 images of 8x8 pixels
+      >>> model.apply(model.init(jax.random.key(0), images), images).shape
+      (4, 10)
+    """
+
+    features: int = 32
+    num_blocks: int = 2
+    downsample: bool = False
+    num_groups: int = 8
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps ``[B, L, C]`` or ``[B, H, W, C]`` to logits ``[B, num_classes]``.
+
+        Args:
+          x: signals or images, channels last.
+
+        Returns:
+          The logits, ``[B, num_classes]``.
+
+        Raises:
+          ValueError: ``x`` is not 3-D or 4-D, or ``num_groups`` does not divide ``features``.
+        """
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                f"ResNet expects signals [B, L, C] or images [B, H, W, C], got shape {x.shape}")
+        if self.features % self.num_groups:
+            raise ValueError(f"ResNet: num_groups={self.num_groups} must divide features={self.features}")
+        nsp = x.ndim - 2
+        x = nn.Conv(self.features, (3,) * nsp, name="stem")(x)
+        for i in range(self.num_blocks):
+            x = ResidualBlock(self.features, strides=2 if self.downsample and i % 2 else 1,
+                              num_groups=self.num_groups)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=self.num_groups)(x))
+        x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
         return nn.Dense(self.num_classes, name="head")(x)
 
 

@@ -15,11 +15,12 @@ Data sets (both made locally, no download):
 
 Models: ``mlp`` and ``mlp_nnx`` (the same MLP in Flax linen and in Flax NNX) see the flat input;
 ``transformer`` and ``cnn`` see a sequence of 8 tokens (the 8 rows of 8 pixels of a digit, or 8
-chunks of 5 samples of an MNIST-1D signal).
+chunks of 5 samples of an MNIST-1D signal); ``resnet`` (``nn.Conv`` convolutions) sees the
+image, ``[8, 8, 1]`` (2-D), or the signal, ``[40, 1]`` (1-D).
 
 Usage::
 
-    fst-jax train [--dataset {digits,mnist1d}] [--model {mlp,transformer,cnn,mlp_nnx}]
+    fst-jax train [--dataset {digits,mnist1d}] [--model {mlp,transformer,cnn,resnet,mlp_nnx}]
                   [--optimizer {adamw,sgd}] [--steps N] [--seeds N] [--config KEY=VALUE ...]
                   [--out DIR]
     python -m fst_jax.train [same options]
@@ -56,7 +57,7 @@ from flax import nnx
 
 import fst_jax
 from fst_jax._config import FSTConfig
-from fst_jax.models import CNN, MLP, MLPNNX, Transformer
+from fst_jax.models import CNN, MLP, MLPNNX, ResNet, Transformer
 
 __all__ = [
     "Dataset",
@@ -76,13 +77,14 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "mnist1d")
-MODELS = ("mlp", "transformer", "cnn", "mlp_nnx")
+MODELS = ("mlp", "transformer", "cnn", "resnet", "mlp_nnx")
 FLAT_MODELS = ("mlp", "mlp_nnx")  # see the input flat, [N, D]
 SEQUENCE_MODELS = ("transformer", "cnn")  # see 8 tokens, [N, 8, D // 8]
+IMAGE_MODELS = ("resnet",)  # see the image [N, 8, 8, 1] or the signal [N, 40, 1]
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-DEFAULT_WIDTH = {"mlp": 256, "transformer": 64, "cnn": 64, "mlp_nnx": 256}
-DEFAULT_DEPTH = {"mlp": 3, "transformer": 2, "cnn": 3, "mlp_nnx": 3}
+DEFAULT_WIDTH = {"mlp": 256, "transformer": 64, "cnn": 64, "resnet": 32, "mlp_nnx": 256}
+DEFAULT_DEPTH = {"mlp": 3, "transformer": 2, "cnn": 3, "resnet": 2, "mlp_nnx": 3}
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.1}
 SGD_MOMENTUM = 0.9
 NUM_HEADS = 4
@@ -119,8 +121,8 @@ class Dataset:
     """A train/test split of a 10-class data set, as float32 inputs and int32 labels.
 
     Attributes:
-      x_train: training inputs, ``[N_train, D]`` (flat models) or ``[N_train, 8, D // 8]``
-        (sequence models: ``transformer``, ``cnn``).
+      x_train: training inputs, ``[N_train, D]`` (flat models), ``[N_train, 8, D // 8]``
+        (sequence models: ``transformer``, ``cnn``) or ``[N_train, *spatial, 1]`` (``resnet``).
       y_train: training labels in ``0..9``, ``[N_train]`` int32.
       x_test: test inputs, same layout as ``x_train``.
       y_test: test labels, ``[N_test]`` int32.
@@ -139,8 +141,11 @@ class Dataset:
         return 10
 
 
-def _layout(model: str, x: np.ndarray) -> np.ndarray:
-    """``x`` ``[N, D]`` as the model sees it: flat, or ``NUM_TOKENS`` tokens of ``D // 8``."""
+def _layout(model: str, x: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
+    """``x`` ``[N, D]`` as the model sees it: flat, ``NUM_TOKENS`` tokens of ``D // 8``, or an
+    image / signal of ``spatial`` shape with one channel."""
+    if model in IMAGE_MODELS:
+        return x.reshape(len(x), *spatial, 1)
     return x.reshape(len(x), NUM_TOKENS, -1) if model in SEQUENCE_MODELS else x
 
 
@@ -153,7 +158,8 @@ def load_digits_dataset(model: str, test_fraction: float = TEST_FRACTION) -> Dat
 
     Args:
       model: ``"mlp"`` or ``"mlp_nnx"`` (the 64 pixels flat, ``[N, 64]``), ``"transformer"`` or
-        ``"cnn"`` (the 8 image rows as 8 tokens of 8 features, ``[N, 8, 8]``).
+        ``"cnn"`` (the 8 image rows as 8 tokens of 8 features, ``[N, 8, 8]``), ``"resnet"`` (the
+        image, ``[N, 8, 8, 1]``).
       test_fraction: the fraction of the examples held out for testing.
 
     Returns:
@@ -181,7 +187,7 @@ def load_digits_dataset(model: str, test_fraction: float = TEST_FRACTION) -> Dat
     mean = x[:n_train].mean(axis=0)
     std = x[:n_train].std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    x = _layout(model, ((x - mean) / std).astype(np.float32))
+    x = _layout(model, ((x - mean) / std).astype(np.float32), (8, 8))
     return Dataset(
         x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
         name="digits",
@@ -233,7 +239,8 @@ def load_mnist1d_dataset(model: str, seed: int = MNIST1D_SEED) -> Dataset:
 
     Args:
       model: ``"mlp"`` or ``"mlp_nnx"`` (the 40 samples flat, ``[N, 40]``), ``"transformer"`` or
-        ``"cnn"`` (8 tokens of 5 consecutive samples, ``[N, 8, 5]``).
+        ``"cnn"`` (8 tokens of 5 consecutive samples, ``[N, 8, 5]``), ``"resnet"`` (the signal,
+        ``[N, 40, 1]``).
       seed: the seed of the generation.
 
     Returns:
@@ -251,9 +258,9 @@ def load_mnist1d_dataset(model: str, seed: int = MNIST1D_SEED) -> Dataset:
     _check_model(model)
     x, y, x_test, y_test = _mnist1d_arrays(int(seed))
     return Dataset(
-        x_train=_layout(model, x.copy()),
+        x_train=_layout(model, x.copy(), (x.shape[1],)),
         y_train=y.copy(),
-        x_test=_layout(model, x_test.copy()),
+        x_test=_layout(model, x_test.copy(), (x_test.shape[1],)),
         y_test=y_test.copy(),
         name="mnist1d",
     )
@@ -304,9 +311,12 @@ def make_model(
     Args:
       model: ``"mlp"`` (``depth`` hidden layers of ``width``), ``"transformer"`` (``depth``
         blocks of width ``width``, 4 heads), ``"cnn"`` (``depth`` convolutions of ``width``
-        channels, window 3) or ``"mlp_nnx"`` (the MLP in Flax NNX).
-      width: the hidden width (MLPs), ``d_model`` (transformer) or channels (CNN).
-      depth: the number of hidden layers (MLPs), transformer blocks or convolutions (CNN).
+        channels, window 3), ``"resnet"`` (a stem and ``depth`` residual blocks of two 3-wide
+        convolutions of ``width`` channels, GroupNorm with ``gcd(width, 8)`` groups) or
+        ``"mlp_nnx"`` (the MLP in Flax NNX).
+      width: the hidden width (MLPs), ``d_model`` (transformer) or channels (CNN, ResNet).
+      depth: the number of hidden layers (MLPs), transformer blocks, convolutions (CNN) or
+        residual blocks (ResNet).
       num_classes: the number of output logits.
       num_tokens: the number of tokens (transformer).
       in_features: the input width (``mlp_nnx`` only: NNX modules are created with their
@@ -330,6 +340,9 @@ def make_model(
         return MLP(features=(width,) * depth, num_classes=num_classes)
     if model == "cnn":
         return CNN(features=(width,) * depth, window=CNN_WINDOW, num_classes=num_classes)
+    if model == "resnet":
+        return ResNet(features=width, num_blocks=depth, num_groups=math.gcd(width, 8),
+                      num_classes=num_classes)
     if model == "transformer":
         return Transformer(
             num_tokens=num_tokens,
@@ -970,8 +983,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--model",
         choices=MODELS,
         default="mlp",
-        help="the model; cnn is a 1-D CNN over the 8 tokens written as matmuls, mlp_nnx the MLP "
-        "in Flax NNX (default: %(default)s)",
+        help="the model; cnn is a 1-D CNN over the 8 tokens written as matmuls, resnet a residual "
+        "CNN with nn.Conv (2-D on digits, 1-D on mnist1d), mlp_nnx the MLP in Flax NNX "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--steps",
@@ -986,16 +1000,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--width",
         type=_positive_int,
         default=None,
-        help="hidden width (MLPs) / d_model (transformer) / channels (CNN) (default: "
-        + " / ".join(str(DEFAULT_WIDTH[m]) for m in ("mlp", "transformer", "cnn"))
+        help="hidden width (MLPs) / d_model (transformer) / channels (CNN, ResNet) (default: "
+        + " / ".join(str(DEFAULT_WIDTH[m]) for m in ("mlp", "transformer", "cnn", "resnet"))
         + ")",
     )
     parser.add_argument(
         "--depth",
         type=_positive_int,
         default=None,
-        help="hidden layers (MLPs) / transformer blocks / convolutions (CNN) (default: "
-        + " / ".join(str(DEFAULT_DEPTH[m]) for m in ("mlp", "transformer", "cnn"))
+        help="hidden layers (MLPs) / transformer blocks / convolutions (CNN) / residual blocks "
+        "(ResNet) (default: "
+        + " / ".join(str(DEFAULT_DEPTH[m]) for m in ("mlp", "transformer", "cnn", "resnet"))
         + ")",
     )
     parser.add_argument(

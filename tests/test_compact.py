@@ -143,3 +143,17 @@ def test_compact_report_and_fallbacks():
                      vjp_all(fn, CHECKER.replace(grad_weight=gw, mode="masked"), w, a))
 
 
+
+
+@pytest.mark.parametrize("pattern", ["checkerboard", "odd"])
+@pytest.mark.parametrize("x_shape", [(4, 8, 6, 16), (4, 8, 5, 16)], ids=["stripes", "odd_width"])
+def test_compact_pointwise_conv_saves_half_the_input(pattern, x_shape):
+    def conv(w, x):
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
+    w1, w3 = jnp.ones((1, 1, 16, 16)), jnp.ones((3, 3, 16, 16))
+    assert residual_bytes(conv, cfgs(pattern, 0.5, "masked"), w1, x) == x.nbytes + w1.nbytes
+    assert residual_bytes(conv, cfgs(pattern, 0.5, "compact"), w1, x) == x.nbytes // 2 + w1.nbytes
+    # A 3x3 window reads every input position from some kept output position: all of it is saved.
+    assert residual_bytes(conv, cfgs(pattern, 0.5, "compact"), w3, x) == x.nbytes + w3.nbytes

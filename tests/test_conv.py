@@ -1,6 +1,7 @@
 """Convolutions: each FST product against an independent im2col reference written here."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,6 @@ from references import mask_2to4
 S = jax.ShapeDtypeStruct
 ALL = fst_jax.FSTConfig(skip_first=False, skip_last=False, sr_ste=0.0)
 IDENTITY = ALL.replace(forward=False, grad_input="dense", grad_weight="dense")
-
-
 
 
 # Layouts: (lhs spec, rhs spec, out spec, x shape, w shape), 2-D or 1-D.
@@ -185,10 +184,12 @@ def test_products_match_im2col_reference(layout, geometry, grad_weight, pattern,
     fn = conv_fn(layout, geometry)
     w, x, kd = data(layout)
     cfg = ALL.replace(grad_weight=grad_weight, pattern=pattern, restore_scale=s)
-    y, dw, dx, dy = run(fn, cfg, w, x, kd)
-    ref = Reference(layout, geometry, w, x).products(dy, grad_weight=grad_weight, pattern=pattern, s=s)
-    for got, want in zip((y, dw, dx), ref):
-        close(got, want)
+    modes = ("compact", "masked") if grad_weight == "fixed_mask" else ("compact",)  # only fixed_mask compacts
+    for mode in modes:
+        y, dw, dx, dy = run(fn, cfg.replace(mode=mode), w, x, kd)
+        ref = Reference(layout, geometry, w, x).products(dy, grad_weight=grad_weight, pattern=pattern, s=s)
+        for got, want in zip((y, dw, dx), ref):
+            close(got, want)
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -254,3 +255,80 @@ def test_composes_with_jit_vmap_and_pmap():
     jax.tree.map(close, (per[0].mean(), per[1].mean(0)), ref)
     pm = jax.pmap(vg, in_axes=(None, 0))(w, x[:, None])
     jax.tree.map(close, (pm[0].mean(), pm[1].mean(0)), ref)
+
+
+# Compact mode: the grad-weight from the kept half of the output positions. Output spatial sizes
+# with an odd last size make the kept positions a 2-D (or 3-D) checkerboard instead of stripes.
+COMPACT_GEOMETRY = [  # (dimension numbers, x shape, w shape, strides, padding, rhs_dilation)
+    (("NHWC", "HWIO", "NHWC"), (2, 4, 7, 8), (3, 3, 8, 12), (1, 1), "SAME", (1, 1)),  # odd width
+    (("NCHW", "OIHW", "NCHW"), (2, 8, 8, 5), (8, 8, 3, 3), (1, 1), ((2, 0), (1, 1)), (1, 2)),  # 8x3 out
+    (("NHWC", "HWIO", "NHWC"), (2, 4, 6, 8), (1, 1, 8, 12), (1, 1), "VALID", (1, 1)),  # 1x1
+    (("NCHW", "OIHW", "NCHW"), (2, 8, 4, 5), (12, 8, 1, 1), (1, 1), "VALID", (1, 1)),  # 1x1, odd width
+    (("NWC", "WIO", "NWC"), (3, 12, 8), (1, 8, 8), (1,), "VALID", (1,)),  # 1x1, 1-D
+    (("NHWC", "HWIO", "NHWC"), (2, 8, 8, 8), (1, 1, 8, 8), (2, 2), "VALID", (1, 1)),  # 1x1 strided
+    (("NDHWC", "DHWIO", "NDHWC"), (1, 4, 3, 3, 8), (1, 3, 3, 8, 8), (1, 1, 1), "SAME", (1, 1, 1)),  # 3-D, 4x3x3 out
+]
+
+
+def general_conv(dn, strides, padding, dil):
+    return lambda w, x: lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dil, dimension_numbers=dn)
+
+
+def rand(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("dn,xs,ws,strides,padding,dil", COMPACT_GEOMETRY)
+@pytest.mark.parametrize("pattern", ["checkerboard", "odd"])
+def test_compact_equals_masked(dn, xs, ws, strides, padding, dil, pattern):
+    fn = general_conv(dn, strides, padding, dil)
+    w, x = rand(ws, 0), rand(xs, 1)
+    cfg = ALL.replace(pattern=pattern, restore_scale=0.5)
+    compact = run(fn, cfg, w, x, 2)
+    for got, want in zip(compact, run(fn, cfg.replace(mode="masked"), w, x, 2)):
+        close(got, want)
+    dense = run(fn, cfg.replace(grad_weight="dense"), w, x, 2)
+    assert not np.allclose(compact[1], dense[1], rtol=1e-3, atol=1e-3)  # the grad-weight is sparse
+
+
+def grad_weight_flops(fn, cfg, w, x):
+    """FLOPs of the backward-filter convolutions (those whose output is the weight's shape, up to
+    the halved input channels of the checkerboard) in the backward pass of ``fn``."""
+    y, pull = jax.vjp(fst_jax.sparsify(fn, cfg), w, x)
+    total = 0
+    for eqn in jax.make_jaxpr(pull)(jnp.ones_like(y)).eqns:
+        out = eqn.outvars[0].aval.shape
+        if eqn.primitive is lax.conv_general_dilated_p and len(out) == w.ndim and math.prod(out) in (
+                w.size, w.size // 2):
+            rhs = eqn.invars[1].aval.shape
+            total += 2 * math.prod(out) * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return total
+
+
+@pytest.mark.parametrize("index", [0, 1, 5])
+def test_compact_grad_weight_does_half_the_flops(index):
+    dn, xs, ws, strides, padding, dil = COMPACT_GEOMETRY[index]
+    fn, w, x = general_conv(dn, strides, padding, dil), rand(ws, 0), rand(xs, 1)
+    dense = grad_weight_flops(fn, ALL.replace(grad_weight="dense"), w, x)
+    y = jax.eval_shape(fn, w, x)
+    assert dense == 2 * y.size // w.shape[dn[1].index("O")] * w.size  # 2·N·T·(taps·I·O)
+    assert grad_weight_flops(fn, ALL.replace(pattern="even", mode="masked"), w, x) == dense
+    for pattern in ("checkerboard", "even"):
+        assert grad_weight_flops(fn, ALL.replace(pattern=pattern), w, x) == dense // 2
+
+
+def test_compact_under_jit_and_vmap():
+    fn = general_conv(*[COMPACT_GEOMETRY[3][i] for i in (0, 3, 4, 5)])  # pointwise: saved pieces
+    w, x = rand(COMPACT_GEOMETRY[3][2], 0), rand(COMPACT_GEOMETRY[3][1], 1)
+    loss = lambda w, x: jnp.mean(jnp.tanh(fn(w, x)) ** 2)  # noqa: E731
+    cfg = ALL.replace(restore_scale=0.5)
+    compact, masked = (jax.value_and_grad(fst_jax.sparsify(loss, c)) for c in (cfg, cfg.replace(mode="masked")))
+    jax.tree.map(close, jax.jit(compact)(w, x), masked(w, x))
+    per = jax.jit(jax.vmap(compact, in_axes=(None, 0)))(w, x[:, None])
+    jax.tree.map(close, per, jax.vmap(masked, in_axes=(None, 0))(w, x[:, None]))
+
+
+def test_compact_report():
+    fn = conv_fn("NHWC", "same")
+    r = conv_rows(fn, (3, 3, 8, 12), (2, 8, 10, 8))
+    assert r.grad_weight == "sparse (fixed_mask, checkerboard, compact)"

@@ -8,9 +8,13 @@ import random
 import socket
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fst_jax
+from fst_jax.models import ResNet
 from fst_jax.train import _mnist1d_arrays, config_from_overrides, load_mnist1d_dataset, main
 
 
@@ -71,7 +75,7 @@ def test_transformer_dense_and_fst_learn(tmp_path: Path) -> None:
         ("--config skip_first=maybe", ["skip_first", "maybe"]),
         ("--config rules=x", ["rules"]),
         ("--config pattern", ["KEY=VALUE"]),
-        ("--model resnet", ["--model", "resnet", "mlp", "transformer", "cnn", "mlp_nnx"]),
+        ("--model vgg", ["--model", "vgg", "mlp", "transformer", "cnn", "resnet", "mlp_nnx"]),
         ("--steps 0", ["--steps"]),
         ("--dataset imagenet", ["--dataset", "imagenet", "digits", "mnist1d"]),
         ("--optimizer lion", ["--optimizer", "lion", "adamw", "sgd"]),
@@ -158,6 +162,38 @@ def test_cnn_on_mnist1d_runs(tmp_path: Path) -> None:
     assert results["model"]["name"] == "cnn"
     assert results["data"]["input_shape"] == [8, 5]
     assert results["flops_per_step"]["fst"] < results["flops_per_step"]["dense"]
+
+
+@pytest.mark.parametrize(("dataset", "input_shape"), [("digits", [8, 8, 1]), ("mnist1d", [40, 1])])
+def test_resnet_runs(tmp_path: Path, dataset: str, input_shape: list[int]) -> None:
+    """The ResNet (nn.Conv, 2-D on digits, 1-D on MNIST-1D) trains, dense and FST, with every block
+    convolution sparse in all three products and the stem and classifier dense."""
+    argv = f"--dataset {dataset} --model resnet --steps 12 --width 8 --depth 1 --batch-size 32 --lr 3e-3"
+    assert main([*argv.split(), "--quiet", "--out", str(tmp_path)]) == 0
+    results = _results(tmp_path)
+    _assert_both_learn(results)
+    assert results["model"]["name"] == "resnet"
+    assert results["data"]["input_shape"] == input_shape
+    # stem + 2 convolutions + head; the two convolutions' products count half.
+    flops = results["flops_per_step"]
+    assert flops["fst"] < 0.8 * flops["dense"]
+
+
+def test_resnet_report_keeps_stem_and_head_dense() -> None:
+    """Every block convolution (a downsampled one included) is sparse in all three products; the
+    stem and the classifier are the first and last weight matmuls, dense by default."""
+    model = ResNet(features=8, num_blocks=2, downsample=True, num_groups=4)
+    x = jnp.zeros((2, 8, 8, 1))
+    params = model.init(jax.random.key(0), x)["params"]
+    rows = fst_jax.report(lambda p, x: model.apply({"params": p}, x).sum())(params, x).rows
+    assert [r.param_path for r in rows] == ["['stem']['kernel']"] + [
+        f"['ResidualBlock_{b}']['Conv_{c}']['kernel']" for b in (0, 1) for c in (0, 1)] + ["['head']['kernel']"]
+    assert rows[0].forward == "dense: first weight matmul (skip_first)"
+    assert rows[-1].forward == "dense: last weight matmul (skip_last)"
+    for r in rows[1:-1]:
+        assert (r.forward, r.grad_input, r.grad_weight) == (
+            "sparse", "sparse (prune_output_dim)", "sparse (fixed_mask, checkerboard, compact)"), r.param_path
+    assert rows[4].lhs == "float32[2,4,4,8]"  # after the stride-2 convolution of block 1
 
 
 def test_mlp_nnx_runs(tmp_path: Path) -> None:
