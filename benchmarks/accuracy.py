@@ -59,8 +59,11 @@ from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, m
 
 PARITY_PT = 0.5  # percentage points
 DATASETS = ("digits", "mnist1d")
-MODELS = ("mlp", "mlp_nnx", "cnn", "transformer")
+MODELS = ("mlp", "mlp_nnx", "cnn", "transformer", "resnet")
 WIDTHS = (64, 256)
+# The ResNet's width is its channel count: every block is two k=3 convolutions over all positions,
+# so width 256 would cost ~60x the MLP's step on this CPU; it runs at 32 and 64.
+MODEL_WIDTHS = {"resnet": (32, 64)}
 BATCH_SIZE = 128
 # Training steps per data set: fst-jax train's defaults, enough for the dense models to fit the
 # training set (MNIST-1D 2000 steps of 128 = 64 epochs; digits 500 steps = 44 epochs).
@@ -106,14 +109,14 @@ def _setting(suite: str, name: str, dataset: str, model: str, width: int, *, con
             "config": list(config), "optimizer": optimizer, "description": description or name}
 
 
-def main_settings(datasets: Sequence[str], models: Sequence[str], widths: Sequence[int],
+def main_settings(datasets: Sequence[str], models: Sequence[str], widths: Sequence[int] | None,
                   quick: bool) -> list[dict[str, Any]]:
     """The settings of the main suite (two tiny ones with ``quick``)."""
     if quick:
         return [_setting("main", f"{d}/mlp/{QUICK_WIDTH}", d, "mlp", QUICK_WIDTH)
                 for d in ("digits", "mnist1d")]
     return [_setting("main", f"{d}/{m}/{w}", d, m, w)
-            for d in datasets for m in models for w in widths]
+            for d in datasets for m in models for w in (widths or MODEL_WIDTHS.get(m, WIDTHS))]
 
 
 def ablation_settings(dataset: str, model: str, width: int, quick: bool,
@@ -243,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     p.add_argument("--models", nargs="+", default=list(MODELS),
                    help=f"models of fst_jax.train (default: {' '.join(MODELS)})")
-    p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS))
+    p.add_argument("--widths", nargs="+", type=int, default=None,
+                   help=f"widths of every model (default: {WIDTHS}, and {MODEL_WIDTHS})")
     p.add_argument("--ablation-setting", nargs=3, action="append", metavar=("DATASET", "MODEL", "WIDTH"),
                    help=f"where the ablation runs; repeatable (default: {ABLATION_SETTINGS})")
     p.add_argument("--ablation-variants", nargs="+", choices=tuple(ABLATION_VARIANTS), default=None,
