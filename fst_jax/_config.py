@@ -81,6 +81,11 @@ class Rule:
 class FSTConfig:
     """What FST does to each weight matmul. Defaults are the paper's recipe.
 
+    The defaults of ``pattern``, ``restore_scale``, ``sr_ste`` and ``min_features`` were chosen
+    by the accuracy study (``python -m benchmarks.accuracy --suite all``, tables in
+    ``benchmarks/RESULTS.md``): paired seeds, MNIST-1D, an MLP (width 256), a CNN (64) and a
+    ResNet (32), AdamW and SGD.
+
     Args:
       forward: prune the weight 2:4 along its contracting dimension ``K`` in the forward product.
       grad_input: how the grad-input product ``dA = dY·Wᵀ`` gets its sparse operand:
@@ -91,14 +96,22 @@ class FSTConfig:
         ``"fixed_mask"`` (a fixed 2:4 token mask on the activation, with the gradient shift),
         ``"prune_grad_output"`` (magnitude 2:4 on ``dY`` along the token axis) or ``"dense"``.
       pattern: the fixed token mask: ``"checkerboard"`` keeps ``(t + k) % 2 == 0``, ``"even"``
-        keeps even tokens, ``"odd"`` odd tokens.
-      restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``. Provisional.
+        keeps even tokens, ``"odd"`` odd tokens. Default ``"checkerboard"`` (the paper's): in the
+        accuracy study ``"odd"`` was within noise of it at all three ablation settings and
+        ``"even"`` worse on one (−2.4 vs −1.3 pt); ``"even"``/``"odd"`` are faster in compact
+        mode (one half GEMM instead of two interleaved quarter GEMMs).
+      restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``. Default 0.03
+        (the authors' code): 0 and 0.03 were indistinguishable, and 1 was the worst value at all
+        three ablation settings (benchmarks/RESULTS.md).
       sr_ste: SR-STE coefficient ``λ``: adds ``λ·(1 − mask_f)⊙W`` to the weight gradient.
-        Provisional. Must be 0 when ``forward=False``.
+        Default 2e-4, for AdamW and for SGD with momentum: with AdamW 0 and 2e-4 were within
+        noise and 2e-3 / 2e-2 worse; with SGD 2e-4 was best or tied and 2e-3 / 2e-2 worse.
+        Must be 0 when ``forward=False``.
       skip_first: leave the first weight matmul (pre-order walk of the jaxpr) dense.
       skip_last: leave the last weight matmul dense.
       min_features: leave weight matmuls with ``K < min_features`` or ``O_last < min_features``
-        dense ("small layer"). 0 disables.
+        dense ("small layer"). Default 0 (off): in the study it only bound on the layers that
+        ``skip_first``/``skip_last`` already leave dense, or on every layer of a narrow model.
       rules: ordered :class:`Rule` s; the first match wins and overrides skip_first/skip_last.
       mode: ``"compact"`` (default: the grad-weight product runs as dense GEMMs over the kept
         half of the tokens, and only that half of the activation is saved for the backward pass)
