@@ -30,7 +30,8 @@ Suites:
     :data:`ABLATION_SETTINGS`. Every variant of a setting is paired with the same dense runs.
 
 Outputs: markdown tables on stdout, ``DIR/accuracy.json`` (rewritten after every setting),
-``DIR/accuracy.png`` (paired differences with 2-SE error bars), ``DIR/runs/*.json`` (one per
+``DIR/accuracy.png`` (paired differences with 2-SE error bars), ``DIR/curves.png`` (test
+accuracy vs step of each main setting, dense and FST), ``DIR/runs/*.json`` (one per
 run: a later invocation reads finished runs back instead of retraining them, so an interrupted
 study resumes; ``--fresh`` retrains) and, unless ``--quick`` or ``--no-append``, a dated section
 appended to ``benchmarks/RESULTS.md`` with the command, machine and load.
@@ -236,6 +237,42 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    """Test accuracy vs step, dense and FST, mean over seeds with a min-max band, one panel per row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is optional
+        return False
+    if not rows:
+        return False
+    ncols = min(5, len(rows))
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
+        for color, variant in (("tab:blue", "dense"), ("tab:orange", "fst")):
+            steps = r["curves"][variant][0][0]
+            accs = [[100 * v for v in col] for col in zip(*(acc for _, acc in r["curves"][variant]))]
+            mean = [sum(col) / len(col) for col in accs]
+            ax.plot(steps, mean, color=color, label=variant, lw=1.2)
+            ax.fill_between(steps, [min(c) for c in accs], [max(c) for c in accs], color=color, alpha=0.2)
+        d = r["paired_difference"]
+        ax.set_title(f"{r['dataset']} {r['model']} {r['width']}: {100 * d['mean']:+.2f} pt", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(max(0.0, min(100 * min(r["dense"]["values"] + r["fst"]["values"]) - 15, 90)), 100)
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("step", fontsize=9)
+    fig.supylabel("test accuracy % (mean over seeds, min-max band)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=("main", "ablation", "all"), default="main")
@@ -280,6 +317,7 @@ class Runner:
         self._data: dict[tuple[str, str], Any] = {}
         self._fns: dict[tuple, Any] = {}
         self.trained = self.read_back = 0
+        self.curves: dict[Path, tuple[list[int], list[float]]] = {}  # run file -> test accuracy curve
 
     def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> tuple[dict[str, Any], bool]:
         """The final metrics of one run; ``(metrics, read_back)``."""
@@ -294,9 +332,12 @@ class Runner:
                                                "variant"))
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         path = self.dir / f"{name}_{digest}.json"
+        self.last_path = path
         if path.exists() and not self.fresh:
             self.read_back += 1
-            return json.loads(path.read_text())["final"], True
+            saved = json.loads(path.read_text())
+            self.curves[path] = (saved["eval_steps"], saved["test_accuracy"])
+            return saved["final"], True
         dkey = (s["dataset"], s["model"])
         if dkey not in self._data:
             self._data[dkey] = train.load_dataset(*dkey)
@@ -325,6 +366,7 @@ class Runner:
                                     "eval_steps": result.eval_steps,
                                     "test_accuracy": result.test_accuracy}, indent=1) + "\n")
         self.trained += 1
+        self.curves[path] = (result.eval_steps, result.test_accuracy)
         return final, False
 
     def setting(self, s: dict[str, Any], seeds: int, steps: int) -> tuple[dict[str, Any], bool]:
@@ -332,18 +374,20 @@ class Runner:
         from fst_jax import train
 
         per_seed, any_back = [], False
+        curves: dict[str, list[tuple[list[int], list[float]]]] = {"dense": [], "fst": []}
         for seed in range(seeds):
             runs = {}
             for variant in ("dense", "fst"):
                 runs[variant], back = self.run(s, seed, variant, steps)
                 runs[variant] = {"final": runs[variant]}
+                curves[variant].append(self.curves[self.last_path])
                 any_back |= back
             per_seed.append({"runs": runs})
         results = {"per_seed": per_seed, "seeds": list(range(seeds)),
                    "model": {"depth": train.DEFAULT_DEPTH[s["model"]]},
                    "args": {"steps": steps, "batch_size": BATCH_SIZE},
                    "optimizer": {"lr": train.DEFAULT_LR[s["optimizer"]]},
-                   "config": " ".join(s["config"]) or "(default)"}
+                   "config": " ".join(s["config"]) or "(default)", "curves": curves}
         return results, any_back
 
 
@@ -379,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = summarize(s, results)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         row["reused"] = reused
+        row["curves"] = results["curves"]
         report[s["suite"]].append(row)
         report["meta"]["wall_s"] = time.perf_counter() - t_start
         (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -399,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(body)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
     has_png = plot(report, out / "accuracy.png")
+    plot_curves(report["main"], out / "curves.png")
     print(f"\nwrote {out / 'accuracy.json'}" + (f" and {out / 'accuracy.png'}" if has_png else ""))
     if not (args.quick or args.no_append):
         append_results(meta, body, args.note, out, has_png)

@@ -28,6 +28,7 @@ def test_quick_run_writes_report(tmp_path: Path) -> None:
 
     report = json.loads((tmp_path / "accuracy.json").read_text())
     assert (tmp_path / "accuracy.png").stat().st_size > 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
     assert {"meta", "parity_rule", "main", "ablation"} <= set(report)
     assert report["meta"]["command"].startswith("python -m benchmarks.accuracy")
     assert len(report["main"]) == 2
@@ -38,6 +39,9 @@ def test_quick_run_writes_report(tmp_path: Path) -> None:
             assert key in row, key
         assert row["steps"] == accuracy.QUICK_STEPS
         assert row["seeds"] == [0]
+        for variant in ("dense", "fst"):  # one curve per seed, ending at the final accuracy
+            [(steps, acc)] = row["curves"][variant]
+            assert steps[-1] == accuracy.QUICK_STEPS and acc[-1] == row[variant]["values"][0]
         for name in ("dense", "fst", "paired_difference"):
             _check_stats(row[name], 1)
         assert all(0.0 <= v <= 1.0 for v in row["dense"]["values"] + row["fst"]["values"])
