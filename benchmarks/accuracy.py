@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shlex
 import sys
 import time
@@ -54,7 +53,7 @@ import optax
 from tqdm import tqdm
 
 import fst_jax
-from fst_jax.train import DEFAULT_STEPS
+from fst_jax.train import DEFAULT_STEPS, _mean_std_se
 
 from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
@@ -137,20 +136,12 @@ def ablation_settings(dataset: str, model: str, width: int, quick: bool,
     return out
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"values": list(values), "mean": mean, "std": std,
-            "stderr": std / math.sqrt(n) if std is not None else None}
-
-
 def summarize(s: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """One row: accuracies (fractions) per variant, paired difference and the parity verdict."""
     acc = {v: [float(p["runs"][v]["final"]["test_accuracy"]) for p in results["per_seed"]]
            for v in ("dense", "fst")}
     diff = [f - d for f, d in zip(acc["fst"], acc["dense"], strict=True)]
-    d = _stats(diff)
+    d = _mean_std_se(diff)
     two_se_pt = 2 * 100 * d["stderr"] if d["stderr"] is not None else None
     threshold_pt = max(PARITY_PT, two_se_pt) if two_se_pt is not None else PARITY_PT
     return {
@@ -161,8 +152,8 @@ def summarize(s: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         "lr": results["optimizer"]["lr"],
         "seeds": results["seeds"],
         "fst_config": results["config"],
-        "dense": _stats(acc["dense"]),
-        "fst": _stats(acc["fst"]),
+        "dense": _mean_std_se(acc["dense"]),
+        "fst": _mean_std_se(acc["fst"]),
         "paired_difference": d,
         "threshold_pt": threshold_pt,
         "parity": abs(100 * d["mean"]) <= threshold_pt,
