@@ -6,13 +6,13 @@ Layers, from the outside in (every public op goes through all of them):
    batching rule folds a mapped dense operand into the token dimension ``M`` and calls the op
    once (one compression per call, never one per example); a mapped structured operand (a
    different weight per example) runs as a ``lax.map`` of the op.
-2. A ``custom_partitioning`` function, so that under a sharded ``jit`` the dense operand keeps its
+2. (CUDA branch) a ``custom_partitioning`` function, so that under a sharded ``jit`` the dense operand keeps its
    sharding along ``M`` (and the structured operand along ``N``) and each device runs the op on its
    own shard: no all-gather of the batch. The contracting dimension is replicated (gathered) if it
    was sharded. Single-device and fully manual (``shard_map``, ``pmap``) contexts inline the op.
 3. ``lax.platform_dependent``: on CUDA, the two FFI custom calls (compress, then matmul, with
    zero padding of every dimension to a multiple of 16 where needed); on any other platform an
-   error naming cuSPARSELt and the missing GPU when the computation runs.
+   error naming cuSPARSELt and the missing GPU, raised when ``jit`` compiles the computation.
 
 The custom calls compute ``D[n, m] = A[n, k] @ B[k, m]`` with ``A`` the structured operand (2:4
 along ``k``). A transposed operand or output is not copied: a row-major ``[r, c]`` buffer is the
@@ -32,7 +32,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import jax.extend.core as jex_core
 from jax import lax
+from jax.interpreters import mlir
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -221,15 +223,23 @@ def _custom_call_path(lhs: jax.Array, rhs: jax.Array, p: _Params, compress_fn, m
 
 
 def _no_gpu(lhs: jax.Array, rhs: jax.Array, p: _Params):
-    """Off CUDA: a host callback that raises :data:`NO_GPU_MESSAGE` when the computation runs."""
+    """Off CUDA: a primitive whose lowering raises :data:`NO_GPU_MESSAGE` (so ``jit`` fails when
+    it compiles the computation for a CPU, before anything runs)."""
     n, k, m = _dims(lhs.shape, rhs.shape, p)
     shape = (n, m) if p.sparse == "lhs" else (m, n)
+    return _no_gpu_p.bind(lhs, rhs, shape=shape, dtype=jnp.dtype(lhs.dtype))
 
-    def fail(*_):
-        raise RuntimeError(NO_GPU_MESSAGE)
 
-    return jax.pure_callback(fail, jax.ShapeDtypeStruct(shape, lhs.dtype), lhs, rhs,
-                             vmap_method="sequential")
+_no_gpu_p = jex_core.Primitive("fst_cusparselt_no_gpu")
+_no_gpu_p.def_abstract_eval(lambda lhs, rhs, *, shape, dtype: jax.core.ShapedArray(shape, dtype))
+
+
+def _no_gpu_lowering(ctx, *args, shape, dtype):
+    platforms = ", ".join(ctx.module_context.platforms)
+    raise RuntimeError(f"{NO_GPU_MESSAGE} (the computation is being compiled for: {platforms})")
+
+
+mlir.register_lowering(_no_gpu_p, _no_gpu_lowering)
 
 
 NO_GPU_MESSAGE = (
@@ -250,12 +260,29 @@ def _emulated_impl(lhs: jax.Array, rhs: jax.Array, p: _Params) -> jax.Array:
 def _platform_impl(lhs: jax.Array, rhs: jax.Array, p: _Params) -> jax.Array:
     """The custom calls on CUDA (partitioned); elsewhere the error (or, in tests, the emulation).
 
-    The error branch stays outside ``custom_partitioning``: a host callback inside a partitioned
-    body is lowered during SPMD partitioning, where its Python callable is not kept alive.
+    The error branch is a primitive whose lowering raises: no host callback (one inside a
+    partitioned body would be lowered during SPMD partitioning, where its Python callable is not
+    kept alive, and jax >= 0.11 cannot lower callbacks without devices).
     """
-    default = (_partitioned(p, _emulated_impl) if p.emulate
-               else functools.partial(_no_gpu, p=p))
-    return lax.platform_dependent(lhs, rhs, cuda=_partitioned(p, _cuda_impl), default=default)
+    partition = _should_partition()
+    cuda = _partitioned(p, _cuda_impl) if partition else functools.partial(_cuda_impl, p=p)
+    if p.emulate:
+        default = (_partitioned(p, _emulated_impl) if partition
+                   else functools.partial(_emulated_impl, p=p))
+    else:
+        default = functools.partial(_no_gpu, p=p)
+    return lax.platform_dependent(lhs, rhs, cuda=cuda, default=default)
+
+
+def _should_partition() -> bool:
+    """Whether to wrap the calls in ``custom_partitioning``: not inside a device-less lowering
+    (an ``AbstractMesh`` context, as ``_compat.lower_for_cuda`` uses on jax >= 0.11, where
+    ``custom_partitioning`` cannot lower) nor inside a mesh of one device (nothing to partition).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    return mesh.size > 1 and getattr(mesh, "abstract_device", None) is None
 
 
 # ---------------------------------------------------------------------------------------------
