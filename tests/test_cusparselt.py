@@ -252,8 +252,8 @@ def test_reference_is_the_dense_product(dtype):
     np.testing.assert_array_equal(np.asarray(cusparselt._reference(w, b)), np.asarray(w @ b))
 
 
-@pytest.mark.parametrize("sparse,tl,tr", LAYOUTS)
-@pytest.mark.parametrize("mkn", [(16, 32, 48), (20, 36, 12), (7, 4, 5)])
+@pytest.mark.parametrize("sparse,tl,tr,mkn", [(*layout, (20, 36, 12)) for layout in LAYOUTS]
+                         + [("rhs", False, False, (7, 4, 5)), ("lhs", True, False, (16, 32, 48))])
 def test_emulated_custom_calls_equal_the_reference(sparse, tl, tr, mkn):
     """The buffers, matrix orders and padding the CUDA path hands to cuSPARSELt, emulated."""
     lhs, rhs = operands(sparse, tl, tr, *mkn)
@@ -267,24 +267,32 @@ def test_emulated_custom_calls_equal_the_reference(sparse, tl, tr, mkn):
 
 @pytest.mark.parametrize("sparse,tl,tr", LAYOUTS)
 def test_emulated_vmap_folds_and_matches(sparse, tl, tr):
+    """vmap over the dense operand: folded into M (one call), every layout."""
     lhs, rhs = operands(sparse, tl, tr, 8, 16, 12, batch=(3,))
     kw = dict(sparse=sparse, transpose_lhs=tl, transpose_rhs=tr)
-    dense_axes = (0, None) if sparse == "rhs" else (None, 0)
-    sparse_one = (rhs[0] if sparse == "rhs" else lhs[0])
-    args = (lhs, sparse_one) if sparse == "rhs" else (sparse_one, rhs)
+    axes = (0, None) if sparse == "rhs" else (None, 0)
+    args = (lhs, rhs[0]) if sparse == "rhs" else (lhs[0], rhs)
     with _ops._emulate_off_cuda():
-        got = jax.jit(jax.vmap(lambda a, b: cusparselt.matmul(a, b, **kw), dense_axes))(*args)
+        got = jax.jit(jax.vmap(lambda a, b: cusparselt.matmul(a, b, **kw), axes))(*args)
+    want = jax.vmap(lambda a, b: cusparselt._matmul_reference(a, b, **kw), axes)(*args)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_emulated_vmap_of_both_operands_and_nested():
+    """A mapped structured operand runs one call per example (lax.map); nested vmaps fold twice."""
+    lhs, rhs = operands("rhs", False, True, 8, 16, 12, batch=(3,))
+    kw = dict(sparse="rhs", transpose_rhs=True)
+    ref = lambda a, b: cusparselt._matmul_reference(a, b, **kw)  # noqa: E731
+    with _ops._emulate_off_cuda():
         both = jax.jit(jax.vmap(lambda a, b: cusparselt.matmul(a, b, **kw)))(lhs, rhs)
         nested = jax.jit(jax.vmap(jax.vmap(lambda a, b: cusparselt.matmul(a, b, **kw),
-                                           dense_axes), dense_axes))(
-            *[a[None].repeat(2, 0) if ax == 0 else a for a, ax in zip(args, dense_axes)])
-    ref = jax.vmap(lambda a, b: cusparselt._matmul_reference(a, b, **kw), dense_axes)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref(*args), np.float32))
-    np.testing.assert_array_equal(
-        np.asarray(both, np.float32),
-        np.asarray(jax.vmap(lambda a, b: cusparselt._matmul_reference(a, b, **kw))(lhs, rhs),
-                   np.float32))
-    np.testing.assert_array_equal(np.asarray(nested[0], np.float32), np.asarray(got, np.float32))
+                                           (0, None)), (0, None)))(
+            jnp.stack([lhs, lhs]), rhs[0])
+    np.testing.assert_array_equal(np.asarray(both, np.float32),
+                                  np.asarray(jax.vmap(ref)(lhs, rhs), np.float32))
+    want = jax.vmap(ref, (0, None))(lhs, rhs[0])
+    np.testing.assert_array_equal(np.asarray(nested, np.float32),
+                                  np.asarray(jnp.stack([want, want]), np.float32))
 
 
 def test_emulated_scan_matches():
