@@ -349,3 +349,18 @@ def test_debug_options_reach_the_custom_calls():
     assert "alg = -1 : i64" in text
     text = lower_for_cuda(cusparselt.sparse_matmul, w, b)
     assert "poison = 0 : i64" in text and "alg = 0 : i64" in text
+
+
+def test_eligible():
+    x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((32, 48), jnp.bfloat16)
+    assert cusparselt.eligible(x, w, sparse="rhs") == (True, "ok")
+    assert cusparselt.eligible(x, jax.ShapeDtypeStruct((48, 32), jnp.bfloat16), sparse="rhs",
+                               transpose_rhs=True)[0]
+    assert not cusparselt.eligible(x, w, sparse="rhs", preferred_element_type=jnp.float32)[0]
+    f32 = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    ok, reason = cusparselt.eligible(f32, w.update(dtype=jnp.float32), sparse="rhs")
+    assert not ok and "float16" in reason
+    ok, reason = cusparselt.eligible(jax.ShapeDtypeStruct((64, 6), jnp.bfloat16),
+                                     jax.ShapeDtypeStruct((6, 8), jnp.bfloat16), sparse="rhs")
+    assert not ok and "multiple of 4" in reason

@@ -4,7 +4,8 @@
 * :func:`matmul` ``(lhs, rhs, sparse=..., transpose_lhs=..., transpose_rhs=...)``: either
   operand structured, either transposed, without copies (what ``FSTConfig(backend="cusparselt")``
   calls for the forward and grad-input products).
-* :func:`available` says whether the ops can run here; :func:`build` / :func:`load` build the
+* :func:`eligible` says whether an operand pair is one the ops take (dtypes, shapes);
+  :func:`available` says whether the ops can run here; :func:`build` / :func:`load` build the
   C++ extension (``python -m fst_jax.cusparselt build``) and register its FFI targets for CUDA.
 
 Each op is a compress custom call (``cusparseLtSpMMACompress2``) followed by a matmul custom call
@@ -29,6 +30,7 @@ from fst_jax.cusparselt._ops import (  # noqa: F401 - the private names are for 
     _reference,
     compressed_size,
     debug,
+    eligible,
     matmul,
     plan_cache_stats,
     sparse_matmul,
@@ -39,6 +41,7 @@ __all__ = [
     "available",
     "build",
     "debug",
+    "eligible",
     "load",
     "matmul",
     "plan_cache_stats",

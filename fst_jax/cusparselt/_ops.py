@@ -394,14 +394,13 @@ def _batchable(p: _Params):
     return op
 
 
-def _check(fn: str, lhs: jax.Array, rhs: jax.Array, sparse: str, transpose_lhs: bool,
-           transpose_rhs: bool) -> None:
+def _check(fn: str, lhs, rhs, sparse: str, transpose_lhs: bool, transpose_rhs: bool) -> None:
     if sparse not in ("lhs", "rhs"):
         raise ValueError(f"{fn}: sparse must be 'lhs' or 'rhs', got {sparse!r}")
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         if x.ndim != 2:
             raise ValueError(f"{fn}: {name} must be 2-D, got shape {x.shape}")
-    if lhs.dtype != rhs.dtype or lhs.dtype not in DTYPES:
+    if jnp.dtype(lhs.dtype) != jnp.dtype(rhs.dtype) or jnp.dtype(lhs.dtype) not in DTYPES:
         raise TypeError(
             f"{fn}: operands must both be float16 or both bfloat16 (cuSPARSELt's 2:4 format), got "
             f"{lhs.dtype} and {rhs.dtype}"
@@ -414,6 +413,46 @@ def _check(fn: str, lhs: jax.Array, rhs: jax.Array, sparse: str, transpose_lhs: 
     if lk % 4:
         raise ValueError(f"{fn}: the contracting dimension ({lk}) must be a multiple of 4 (2:4 "
                          "groups)")
+
+
+def eligible(
+    lhs: jax.Array | jax.ShapeDtypeStruct,
+    rhs: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    sparse: Literal["lhs", "rhs"],
+    transpose_lhs: bool = False,
+    transpose_rhs: bool = False,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+) -> tuple[bool, str]:
+    """Whether :func:`matmul` takes these operands (shapes and dtypes only), and why not.
+
+    For a caller that routes a product to cuSPARSELt or to XLA: float16/bfloat16 operands of one
+    dtype, 2-D, a contracting dimension that is a multiple of 4, and an output in the operands'
+    dtype (``preferred_element_type`` ``None`` or that dtype). Dimensions that are not multiples
+    of 16 are eligible (zero-padded, at the cost of a copy). Says nothing about the GPU: see
+    :func:`fst_jax.cusparselt.available`.
+
+    Returns:
+      ``(ok, reason)``; ``reason`` is ``"ok"`` or names the rule that fails.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax import cusparselt
+      >>> x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16)
+      >>> w = jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16)
+      >>> cusparselt.eligible(x, w, sparse="rhs")
+      (True, 'ok')
+      >>> cusparselt.eligible(x, w, sparse="rhs", preferred_element_type=jnp.float32)[0]
+      False
+    """
+    try:
+        _check("fst_jax.cusparselt", lhs, rhs, sparse, transpose_lhs, transpose_rhs)
+    except (TypeError, ValueError) as e:
+        return False, str(e).removeprefix("fst_jax.cusparselt: ")
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != lhs.dtype:
+        return False, (f"output dtype {jnp.dtype(preferred_element_type)} differs from the "
+                       f"operands' {jnp.dtype(lhs.dtype)}")
+    return True, "ok"
 
 
 def _algorithm_id(algorithm: int | str) -> int:
@@ -432,6 +471,7 @@ def matmul(
     transpose_lhs: bool = False,
     transpose_rhs: bool = False,
     algorithm: int | Literal["search"] = 0,
+    precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """``op(lhs) @ op(rhs)`` on the 2:4 sparse tensor cores, ``op(x) = x.T`` where asked.
 
@@ -448,6 +488,8 @@ def matmul(
       algorithm: cuSPARSELt's algorithm configuration id (default 0: fixed, so equal inputs give
         equal outputs), or ``"search"``: ``cusparseLtMatmulSearch`` once per shape, its choice
         kept and checked once against configuration 0.
+      precision: accepted and ignored: 16-bit products are exact and accumulate in float32,
+        which is what XLA computes for 16-bit operands at every precision.
 
     Returns:
       ``[M, N]`` in the operands' dtype.
@@ -468,6 +510,7 @@ def matmul(
       >>> print(cusparselt._reference(w.T, x.T).T[0])           # what matmul(x, w, sparse="rhs") gives
       [4 6]
     """
+    del precision
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     _check("fst_jax.cusparselt.matmul", lhs, rhs, sparse, transpose_lhs, transpose_rhs)
     p = _Params(sparse=sparse, transpose_lhs=bool(transpose_lhs),
@@ -526,9 +569,9 @@ def _reference(w: jax.Array, b: jax.Array, *, precision: lax.PrecisionLike = Non
 
 def _matmul_reference(lhs: jax.Array, rhs: jax.Array, *, sparse: str,
                       transpose_lhs: bool = False, transpose_rhs: bool = False,
-                      algorithm: int | str = 0) -> jax.Array:
+                      algorithm: int | str = 0, precision: lax.PrecisionLike = None) -> jax.Array:
     """:func:`matmul` in pure ``jax.numpy``."""
-    del sparse, algorithm
+    del sparse, algorithm, precision
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     a = lhs.T if transpose_lhs else lhs
     b = rhs.T if transpose_rhs else rhs
