@@ -364,3 +364,24 @@ def test_eligible():
     ok, reason = cusparselt.eligible(jax.ShapeDtypeStruct((64, 6), jnp.bfloat16),
                                      jax.ShapeDtypeStruct((6, 8), jnp.bfloat16), sparse="rhs")
     assert not ok and "multiple of 4" in reason
+
+
+class _FakeGpu:
+    def __init__(self, cc):
+        self.compute_capability, self.device_kind = cc, f"fake GPU sm_{cc}"
+
+
+@needs_toolchain
+def test_available_with_a_fake_gpu(library, monkeypatch, tmp_path):
+    """available()'s rules, with jax's GPU list replaced: cc 8.x/9.x and a built library."""
+    monkeypatch.setattr(_ops, "_gpus", lambda: [_FakeGpu("9.0")])
+    assert cusparselt.available() == (True, "ok")
+    monkeypatch.setattr(_ops, "_gpus", lambda: [_FakeGpu("9.0"), _FakeGpu("7.5")])
+    ok, reason = cusparselt.available()
+    assert not ok and "7.5" in reason
+    monkeypatch.setattr(_ops, "_gpus", lambda: [_FakeGpu("8.6")])
+    monkeypatch.setattr(_build, "_loaded", {})  # as in a fresh process
+    monkeypatch.setenv("FST_JAX_CACHE", str(tmp_path))  # nothing built there
+    ok, reason = cusparselt.available()
+    assert not ok and "not built" in reason and "python -m fst_jax.cusparselt build" in reason
+    assert not any(tmp_path.iterdir())  # and it did not build

@@ -134,15 +134,12 @@ def available() -> tuple[bool, str]:
         if major not in SUPPORTED_MAJOR_CC:
             return False, (f"{d.device_kind} has compute capability {cc}; cuSPARSELt's 2:4 "
                            "kernels are used on 8.x and 9.x")
+    if _build.loaded_library() is not None:  # loaded earlier in this process
+        _ops.register(_build.loaded_library())
+        return True, "ok"
     try:
-        tc = _build.find_toolchain()
-    except BuildError as e:
-        if _build.loaded_library() is None:
-            return False, str(e)
-        tc = None
-    try:
-        path = _build.library_path(tc) if tc is not None else None
-        if _build.loaded_library() is None and (path is None or not path.exists()):
+        path = _build.library_path()
+        if not path.exists():
             return False, ("the cuSPARSELt extension is not built; run `python -m "
                            "fst_jax.cusparselt build`")
         _ops.register(_build.load_library(path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -99,6 +100,7 @@ def _jaxlib_version() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_version(cxx: str) -> str:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
