@@ -100,6 +100,7 @@ def load(*, build_if_missing: bool = True) -> Path:
       BuildError: when the library is missing (and not built) or cannot be loaded.
     """
     path = _build.build() if build_if_missing else _build.library_path()
+    jax.devices()  # initialize jax's backends first: its CUDA runtime is the one that gets loaded
     lib = _build.load_library(path)
     _ops.register(lib)
     return path
