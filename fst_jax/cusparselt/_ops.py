@@ -5,14 +5,18 @@ Layers, from the outside in (every public op goes through all of them):
 1. :func:`matmul` checks arguments and calls a ``jax.custom_batching.custom_vmap`` function. Its
    batching rule folds a mapped dense operand into the token dimension ``M`` and calls the op
    once (one compression per call, never one per example); a mapped structured operand (a
-   different weight per example) runs as a ``lax.map`` of the op.
-2. (CUDA branch) a ``custom_partitioning`` function, so that under a sharded ``jit`` the dense operand keeps its
-   sharding along ``M`` (and the structured operand along ``N``) and each device runs the op on its
-   own shard: no all-gather of the batch. The contracting dimension is replicated (gathered) if it
-   was sharded. Single-device and fully manual (``shard_map``, ``pmap``) contexts inline the op.
-3. ``lax.platform_dependent``: on CUDA, the two FFI custom calls (compress, then matmul, with
-   zero padding of every dimension to a multiple of 16 where needed); on any other platform an
-   error naming cuSPARSELt and the missing GPU, raised when ``jit`` compiles the computation.
+   different weight per example) runs as a ``lax.map`` of the op. (``ffi_call``'s own
+   ``vmap_method`` choices cannot fold an axis into ``M``; they are never reached.)
+2. ``lax.platform_dependent``, so the choice is made per lowering platform: on CUDA the custom
+   calls; on any other platform a primitive whose lowering raises an error naming cuSPARSELt
+   and the missing GPU (when ``jit`` compiles the computation, before anything runs).
+3. On CUDA, a ``custom_partitioning`` function, so that under a sharded ``jit`` the dense
+   operand keeps its sharding along ``M`` (and the structured operand along ``N``) and each
+   device runs the calls on its own shard: no all-gather of the batch. A sharded contracting
+   dimension is replicated (gathered). Single-device and fully manual (``shard_map``, ``pmap``)
+   contexts inline the calls; a device-less lowering (``AbstractMesh``) skips the wrapper.
+4. The two FFI custom calls: compress, then matmul, with zero padding of every dimension to a
+   multiple of 16 where needed (zero groups are valid 2:4 groups) and the output sliced.
 
 The custom calls compute ``D[n, m] = A[n, k] @ B[k, m]`` with ``A`` the structured operand (2:4
 along ``k``). A transposed operand or output is not copied: a row-major ``[r, c]`` buffer is the
@@ -24,18 +28,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Iterator
 from typing import Literal
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
-import jax.extend.core as jex_core
 from jax import lax
-from jax.interpreters import mlir
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fst_jax.cusparselt import _build
@@ -149,7 +152,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer 3: the custom calls (CUDA) and the off-CUDA branch.
+# Layers 2 and 4: the per-platform choice, the custom calls (CUDA) and the off-CUDA branch.
 
 
 def _ffi_compress(a_buf: jax.Array, n: int, k: int, row_a: bool, p: _Params) -> jax.Array:
@@ -234,6 +237,13 @@ _no_gpu_p = jex_core.Primitive("fst_cusparselt_no_gpu")
 _no_gpu_p.def_abstract_eval(lambda lhs, rhs, *, shape, dtype: jax.core.ShapedArray(shape, dtype))
 
 
+def _no_gpu_impl(*args, shape, dtype):
+    raise RuntimeError(NO_GPU_MESSAGE)
+
+
+_no_gpu_p.def_impl(_no_gpu_impl)
+
+
 def _no_gpu_lowering(ctx, *args, shape, dtype):
     platforms = ", ".join(ctx.module_context.platforms)
     raise RuntimeError(f"{NO_GPU_MESSAGE} (the computation is being compiled for: {platforms})")
@@ -286,7 +296,7 @@ def _should_partition() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer 2: partitioning.
+# Layer 3 (CUDA): partitioning.
 
 
 def _factor_axes(p: _Params) -> tuple[tuple[str, str], tuple[str, str], tuple[str, str]]:
@@ -355,7 +365,7 @@ def _partitioned(p: _Params, impl):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer 1: batching, and the public op.
+# Layer 1: batching, and the public ops.
 
 
 @functools.lru_cache(maxsize=None)
@@ -652,5 +662,3 @@ def compressed_size(n: int, k: int, dtype, *, row_major: bool = True) -> int:
     return int(lib.fst_cslt_compressed_size(n, k, int(jnp.dtype(dtype) == jnp.bfloat16),
                                             int(row_major)))
 
-
-del math
