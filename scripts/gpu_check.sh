@@ -110,7 +110,8 @@ skipped() {
   printf '## %s: skipped\n\n%s\n' "$name" "$why" > "$OUT/$name.md"
 }
 
-PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider -n 0 -o addopts="")
+PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider -o addopts="")
+"$PY" -c "import xdist" 2>/dev/null && PYTEST+=(-n 0)  # one process (pytest-xdist installed)
 
 stage 1_build 45 cmd "$PY" -m fst_jax.cusparselt build --verbose
 if [ "$SMOKE" = 1 ]; then
