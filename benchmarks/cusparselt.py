@@ -64,6 +64,7 @@ def gemm_shapes(smoke: bool) -> list[tuple[str, int, int, int]]:
         return [("cube", 32, 64, 48)]
     return [
         ("cube 8192³", 8192, 8192, 8192),
+        ("d4096 4096x4096", 4096, 4096, TOKENS),  # the compression target's shape
         ("d4096 mlp_up", 4 * 4096, 4096, TOKENS),
         ("d4096 mlp_down", 4096, 4 * 4096, TOKENS),
         ("d1024 mlp_up", 4 * 1024, 1024, TOKENS),
@@ -93,6 +94,21 @@ def timeit(fns: dict[str, Callable[[], Any]], runs: int, min_run_s: float = 0.00
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
+def probe(fns: dict[str, Callable[[], Any]]) -> tuple[dict[str, Callable[[], Any]], dict[str, str]]:
+    """Runs each thunk once; returns the ones that work and the errors of the others, so that
+    one failing variant (e.g. a Pallas kernel that has never compiled on this GPU) does not take
+    the others' numbers with it."""
+    ok, errors = {}, {}
+    for name, fn in fns.items():
+        try:
+            jax.block_until_ready(fn())
+            ok[name] = fn
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"  {name} failed: {errors[name]}", file=sys.stderr, flush=True)
+    return ok, errors
+
+
 def pruned(key, shape, axis, dtype=jnp.bfloat16) -> jax.Array:
     x = jax.random.normal(key, shape, jnp.float32)
     return jnp.where(mask_2to4(x, axis=axis), x, 0).astype(dtype)
@@ -112,37 +128,50 @@ def bench_gemm(smoke: bool, runs: int) -> list[dict[str, Any]]:
         p = _ops._Params("lhs", False, False, 0, False, False, _ops._DEBUG.emulate)
         comp = _ops._emulated_compress if p.emulate else _ops._ffi_compress
         mm = _ops._emulated_matmul if p.emulate else _ops._ffi_matmul
+        dense = jax.jit(lambda a, b: a @ b)
+        cslt = jax.jit(cusparselt.sparse_matmul)
+        cslt_xw = jax.jit(lambda x, w: cusparselt.matmul(x, w, sparse="rhs"))
         compress = jax.jit(lambda a: comp(a, m, k, True, p))
-        c = jax.block_until_ready(compress(a)) if m % 16 == 0 and k % 16 == 0 else None
-        values, meta = prune_compress_2to4(a, axis=-1, interpret=interpret)
-        fns = {
+        cslt_mm = jax.jit(lambda c, b: mm(c, b, m, k, n, (True, True, True), p))
+        pallas = jax.jit(lambda v, mt, b: pallas_spmm(v, mt, b, interpret=interpret))
+        fns, errors = probe({
             "dense": lambda: dense(a, b),
             "cslt": lambda: cslt(a, b),
             "cslt_xw": lambda: cslt_xw(x, w),
             "compress": lambda: compress(a),
-            "pallas": lambda: pallas(values, meta, b),
-        }
-        dense = jax.jit(lambda a, b: a @ b)
-        cslt = jax.jit(cusparselt.sparse_matmul)
-        cslt_xw = jax.jit(lambda x, w: cusparselt.matmul(x, w, sparse="rhs"))
-        pallas = jax.jit(lambda v, mt, b: pallas_spmm(v, mt, b, interpret=interpret))
-        if c is not None:
-            cslt_mm = jax.jit(lambda c, b: mm(c, b, m, k, n, (True, True, True), p))
-            fns["cslt_mm"] = lambda: cslt_mm(c, b)
+        })
+        if "compress" in fns:
+            c = jax.block_until_ready(compress(a))
+            more, err2 = probe({"cslt_mm": lambda: cslt_mm(c, b)})
+            fns.update(more)
+            errors.update(err2)
+        try:
+            values, meta = prune_compress_2to4(a, axis=-1, interpret=interpret)
+            more, err2 = probe({"pallas": lambda: pallas(values, meta, b)})
+        except Exception as e:  # noqa: BLE001
+            more, err2 = {}, {"pallas": f"{type(e).__name__}: {str(e)[:300]}"}
+        fns.update(more)
+        errors.update(err2)
         # correctness first (same pruned A): the max error against the dense product
         ref = np.asarray(dense(a, b), np.float32)
         err = {f: float(np.max(np.abs(np.asarray(fns[f](), np.float32) - ref)))
-               for f in ("cslt", "pallas")}
-        err["cslt_xw"] = float(np.max(np.abs(np.asarray(cslt_xw(x, w), np.float32) - ref.T)))
+               for f in ("cslt", "cslt_mm", "pallas") if f in fns}
+        if "cslt_xw" in fns:
+            err["cslt_xw"] = float(np.max(np.abs(np.asarray(cslt_xw(x, w), np.float32) - ref.T)))
         t = timeit(fns, runs)
         flops = 2 * m * k * n
-        row = {"shape": name, "M": m, "K": k, "N": n, "max_abs_err": err,
+
+        def ratio(num, den):
+            return t[num] / t[den] if num in t and den in t else None
+
+        row = {"shape": name, "M": m, "K": k, "N": n, "max_abs_err": err, "errors": errors,
                **{f"{f}_ms": v * 1e3 for f, v in t.items()},
                "dense_tflops": flops / t["dense"] / 1e12,
-               "speedup_cslt": t["dense"] / t["cslt"],
-               "speedup_cslt_mm": t["dense"] / t["cslt_mm"] if "cslt_mm" in t else None,
-               "speedup_pallas": t["dense"] / t["pallas"],
-               "compress_over_dense": t["compress"] / t["dense"]}
+               "speedup_cslt": ratio("dense", "cslt"),
+               "speedup_cslt_mm": ratio("dense", "cslt_mm"),
+               "speedup_cslt_xw": ratio("dense", "cslt_xw"),
+               "speedup_pallas": ratio("dense", "pallas"),
+               "compress_over_dense": ratio("compress", "dense")}
         rows.append(row)
         print(f"gemm {name}: " + ", ".join(f"{f} {v * 1e3:.3f} ms" for f, v in t.items()), flush=True)
     return rows
@@ -165,10 +194,12 @@ def bench_layer(smoke: bool, runs: int) -> list[dict[str, Any]]:
                                                                  transpose_rhs=True)), (dy, w_b)),
             "gw_dense": (jax.jit(lambda x, dy: x.T @ dy), (x, dy)),
         }
-        t = timeit({k: (lambda f=f, a=a: f(*a)) for k, (f, a) in fns.items()}, runs)
+        ok, errors = probe({k: (lambda f=f, a=a: f(*a)) for k, (f, a) in fns.items()})
+        t = timeit(ok, runs)
         row = {"d": d, "tokens": t_tokens, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-               "speedup_fwd": t["fwd_dense"] / t["fwd_cslt"],
-               "speedup_gin": t["gin_dense"] / t["gin_cslt"]}
+               "speedup_fwd": t["fwd_dense"] / t["fwd_cslt"] if "fwd_cslt" in t else None,
+               "speedup_gin": t["gin_dense"] / t["gin_cslt"] if "gin_cslt" in t else None,
+               "errors": errors}
         rows.append(row)
         print(f"layer d={d}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in t.items()), flush=True)
     return rows
