@@ -398,3 +398,61 @@ def test_available_with_a_fake_gpu(library, monkeypatch, tmp_path):
     ok, reason = cusparselt.available()
     assert not ok and "not built" in reason and "python -m fst_jax.cusparselt build" in reason
     assert not any(tmp_path.iterdir())  # and it did not build
+
+
+def _fst_like_linear():
+    """The wiring sparsify will use: forward and grad-input on cuSPARSELt inside a custom_vjp."""
+
+    @jax.custom_vjp
+    def linear(x, w):
+        w_f = jnp.where(mask_2to4(w, axis=0), w, 0)  # 2:4 along K
+        return cusparselt.matmul(x, w_f, sparse="rhs")
+
+    def fwd(x, w):
+        return linear(x, w), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        w_b = jnp.where(mask_2to4(w, axis=1), w, 0)  # 2:4 along O
+        dx = cusparselt.matmul(dy, w_b, sparse="rhs", transpose_rhs=True)
+        dw = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(w.dtype)
+        return dx, dw
+
+    linear.defvjp(fwd, bwd)
+    return linear
+
+
+def test_a_custom_vjp_training_step_lowers_for_cuda_under_remat_and_vmap():
+    linear = _fst_like_linear()
+    x = jax.ShapeDtypeStruct((4, 64, 32), jnp.bfloat16)  # [batch, tokens, K]
+    w = jax.ShapeDtypeStruct((32, 48), jnp.bfloat16)
+
+    def loss(w, x):
+        y = jax.vmap(jax.checkpoint(linear), (0, None))(x, w)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    text = lower_for_cuda(jax.grad(loss, argnums=(0, 1)), w, x)
+    calls = custom_calls(text)
+    # the forward and the grad-input products, each a compress + matmul
+    assert calls.count(COMPRESS) == calls.count(MATMUL) == 2, calls
+    assert text.count("dot_general") == 1  # the grad-weight product only
+    assert "m = 256 : i64" in text  # the vmapped batch folded into the tokens
+
+
+def test_a_custom_vjp_training_step_matches_the_reference_emulated():
+    linear = _fst_like_linear()
+    x, w = operands("rhs", False, False, 64, 32, 48)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 48)), jnp.bfloat16)
+
+    def ref_linear(x, w):
+        return jnp.dot(x, jnp.where(mask_2to4(w, axis=0), w, 0),
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+
+    with emulated():
+        y, pull = jax.vjp(linear, x, w)
+        dy = jnp.ones_like(y)
+        dx, _ = pull(dy)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref_linear(x, w), np.float32))
+    w_b = jnp.where(mask_2to4(w, axis=1), w, 0)
+    want_dx = jnp.dot(dy, w_b.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(want_dx, np.float32))
