@@ -125,7 +125,7 @@ def bench_gemm(smoke: bool, runs: int) -> list[dict[str, Any]]:
         b = jax.random.normal(kb, (k, n), jnp.bfloat16)
         x = jnp.asarray(b.T)  # [N tokens, K]: the FST forward layout x @ W with W = A.T
         w = jnp.asarray(a.T)
-        p = _ops._Params("lhs", False, False, 0, False, False, _ops._DEBUG.emulate)
+        p = _ops._Params("lhs", False, False, 0, False, False, _ops._debug().emulate)
         comp = _ops._emulated_compress if p.emulate else _ops._ffi_compress
         mm = _ops._emulated_matmul if p.emulate else _ops._ffi_matmul
         dense = jax.jit(lambda a, b: a @ b)

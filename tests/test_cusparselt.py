@@ -362,6 +362,11 @@ def test_debug_options_reach_the_custom_calls():
     assert "alg = -1 : i64" in text
     text = lower_for_cuda(cusparselt.sparse_matmul, w, b)
     assert "poison = 0 : i64" in text and "alg = 0 : i64" in text
+    f = jax.jit(cusparselt.sparse_matmul)  # one jit object: the options are in its cache key
+    plain = f.trace(w, b).lower(lowering_platforms=("cuda",)).as_text()
+    with cusparselt.debug(poison=True):
+        poisoned = f.trace(w, b).lower(lowering_platforms=("cuda",)).as_text()
+    assert "poison = 0 : i64" in plain and "poison = 1 : i64" in poisoned
 
 
 def test_eligible():

@@ -98,6 +98,13 @@ def load(*, build_if_missing: bool = True) -> Path:
 
     Raises:
       BuildError: when the library is missing (and not built) or cannot be loaded.
+
+    Example:
+      >>> from fst_jax import cusparselt
+      >>> try:
+      ...     path = cusparselt.load()           # works without a GPU: lowering needs no device
+      ... except cusparselt.BuildError:          # no compiler, CUDA headers or cuSPARSELt here
+      ...     path = None
     """
     path = _build.build() if build_if_missing else _build.library_path()
     jax.devices()  # initialize jax's backends first: its CUDA runtime is the one that gets loaded

@@ -57,14 +57,22 @@ MATMUL_TARGET = _build.TARGETS["matmul"]
 # Debug options (read when a function is traced).
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Debug:
-    poison: bool = os.environ.get("FST_JAX_CUSPARSELT_POISON", "") not in ("", "0")
-    check: bool = os.environ.get("FST_JAX_CUSPARSELT_CHECK", "") not in ("", "0")
+    poison: bool = False
+    check: bool = False
     emulate: bool = False  # tests only: run a jnp emulation of the custom calls off CUDA
 
 
-_DEBUG = _Debug()
+# A jit-cache-sensitive context: a function traced under other debug options is traced again.
+_DEBUG_CTX = jax.make_user_context(default_value=_Debug(
+    poison=os.environ.get("FST_JAX_CUSPARSELT_POISON", "") not in ("", "0"),
+    check=os.environ.get("FST_JAX_CUSPARSELT_CHECK", "") not in ("", "0"),
+))
+
+
+def _debug() -> _Debug:
+    return _DEBUG_CTX.value
 
 
 @contextlib.contextmanager
@@ -75,28 +83,35 @@ def debug(*, poison: bool = True, check: bool = False) -> Iterator[None]:
     stream before cuSPARSELt writes it, so an element the library leaves unwritten shows as NaN.
     ``check``: the structured operand is checked to be 2:4 (``cusparseLtSpMMAPruneCheck2``)
     before it is compressed; a violation fails the call (this synchronizes the stream).
-    The options apply to functions *traced* inside the context (a ``jax.jit`` function traced
-    earlier keeps its options). The environment variables ``FST_JAX_CUSPARSELT_POISON=1`` and
+    The options are part of ``jax.jit``'s cache key: a function traced without them is traced
+    again inside the context. The environment variables ``FST_JAX_CUSPARSELT_POISON=1`` and
     ``FST_JAX_CUSPARSELT_CHECK=1`` set the defaults.
+
+    Args:
+      poison: fill outputs with NaN before they are written.
+      check: verify the structured operand is 2:4 before compressing it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax import cusparselt
+      >>> from fst_jax._compat import lower_for_cuda
+      >>> w = jax.ShapeDtypeStruct((16, 32), jnp.bfloat16)
+      >>> b = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
+      >>> with cusparselt.debug(poison=True):
+      ...     text = lower_for_cuda(cusparselt.sparse_matmul, w, b)
+      >>> "poison = 1" in text
+      True
     """
-    old = dataclasses.replace(_DEBUG)
-    _DEBUG.poison, _DEBUG.check = poison, check
-    try:
+    with _DEBUG_CTX(dataclasses.replace(_debug(), poison=bool(poison), check=bool(check))):
         yield
-    finally:
-        _DEBUG.poison, _DEBUG.check = old.poison, old.check
 
 
 @contextlib.contextmanager
 def _emulate_off_cuda() -> Iterator[None]:
     """Tests only: off CUDA, run a pure-jnp emulation of the two custom calls (same buffers,
     orders and padding) instead of raising, so that the layout logic runs on a CPU."""
-    old = _DEBUG.emulate
-    _DEBUG.emulate = True
-    try:
+    with _DEBUG_CTX(dataclasses.replace(_debug(), emulate=True)):
         yield
-    finally:
-        _DEBUG.emulate = old
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +540,7 @@ def matmul(
     _check("fst_jax.cusparselt.matmul", lhs, rhs, sparse, transpose_lhs, transpose_rhs)
     p = _Params(sparse=sparse, transpose_lhs=bool(transpose_lhs),
                 transpose_rhs=bool(transpose_rhs), algorithm=_algorithm_id(algorithm),
-                poison=_DEBUG.poison, check=_DEBUG.check, emulate=_DEBUG.emulate)
+                poison=_debug().poison, check=_debug().check, emulate=_debug().emulate)
     _ensure_registered()
     _fail_fast_if_eager_without_gpu(lhs, rhs, p)
     return _batchable(p)(lhs, rhs)
@@ -638,8 +653,20 @@ def _fail_fast_if_eager_without_gpu(lhs, rhs, p: _Params) -> None:
 
 
 def plan_cache_stats() -> dict[str, int]:
-    """The handler's counters in this process (handle, descriptor and plan set-ups and hits,
-    compress and matmul calls, searches); all zero when the library is not loaded."""
+    """The handler's counters in this process.
+
+    Handle, descriptor and plan set-ups and cache hits, compress and matmul calls, searches and
+    rejected searches; all zero when the library is not loaded (or nothing ran: no GPU).
+
+    Returns:
+      ``{name: count}``.
+
+    Example:
+      >>> from fst_jax import cusparselt
+      >>> stats = cusparselt.plan_cache_stats()
+      >>> sorted(stats)[:3]
+      ['compress_calls', 'desc_hits', 'desc_inits']
+    """
     names = ["handle_inits", "plan_inits", "plan_hits", "desc_inits", "desc_hits",
              "compress_calls", "matmul_calls", "searches", "search_rejected"]
     lib = _build.loaded_library()
@@ -653,7 +680,7 @@ def plan_cache_stats() -> dict[str, int]:
     return {name: int(buf[i]) for i, name in enumerate(names[:n])}
 
 
-def compressed_size(n: int, k: int, dtype, *, row_major: bool = True) -> int:
+def compressed_size(n: int, k: int, dtype: jax.typing.DTypeLike, *, row_major: bool = True) -> int:
     """cuSPARSELt's compressed size in bytes of an ``[n, k]`` operand (needs a GPU and the
     loaded library; -1 otherwise), next to what the op reserves (``_compressed_capacity``)."""
     lib = _build.loaded_library()
