@@ -16,14 +16,14 @@ GradInput = Literal["prune_output_dim", "transposable", "dense"]
 GradWeight = Literal["fixed_mask", "prune_grad_output", "dense"]
 Pattern = Literal["checkerboard", "even", "odd"]
 Mode = Literal["masked", "compact"]
-Backend = Literal["xla", "pallas", "auto"]
+Backend = Literal["xla", "pallas", "cusparselt", "auto"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "grad_input": ("prune_output_dim", "transposable", "dense"),
     "grad_weight": ("fixed_mask", "prune_grad_output", "dense"),
     "pattern": ("checkerboard", "even", "odd"),
     "mode": ("masked", "compact"),
-    "backend": ("xla", "pallas", "auto"),
+    "backend": ("xla", "pallas", "cusparselt", "auto"),
 }
 
 
@@ -171,11 +171,19 @@ class FSTConfig:
         half of the tokens, and only that half of the activation is saved for the backward pass)
         or ``"masked"`` (dense GEMMs on masked operands, the reference). Both compute the same
         numbers to float tolerance.
-      backend: ``"xla"``; ``"pallas"``: the Pallas-Triton kernels of :mod:`fst_jax.kernels` for
-        the forward and grad-input products, and in compact mode the fused-shift grad-weight
-        kernel, wherever the matmul is a plain one (a 2-D weight, one contracting dimension, no
-        batch dimensions, f32/bf16/f16), XLA elsewhere; on a CPU the kernels run in interpret
-        mode (slow: for testing); ``"auto"``: ``"pallas"`` on a GPU, ``"xla"`` elsewhere.
+      backend: what runs the forward and grad-input products. ``"xla"`` (default): dense GEMMs on
+        masked operands. ``"cusparselt"``: the 2:4 sparse tensor cores of an NVIDIA GPU (compute
+        capability 8.x/9.x) through :mod:`fst_jax.cusparselt`, for float16/bfloat16 matmuls at
+        default precision whose dims collapse to a plain matmul (others run on XLA, and the report
+        says why); build it once with ``python -m fst_jax.cusparselt build``; it lowers for CUDA
+        anywhere and fails to run without a GPU, naming cuSPARSELt. ``"pallas"``: the Pallas-Triton
+        kernels of :mod:`fst_jax.kernels` (and in compact mode the fused-shift grad-weight kernel)
+        wherever the matmul is a plain one (a 2-D weight, one contracting dimension, no batch
+        dimensions, f32/bf16/f16), XLA elsewhere; on a CPU they run in interpret mode (slow: for
+        testing). ``"auto"``: ``"cusparselt"`` where :func:`fst_jax.cusparselt.available` (a
+        CUDA GPU of compute capability 8.x/9.x and the extension already built; it never starts
+        a build), else ``"xla"``; the report says which and why. The compact grad-weight product
+        runs on XLA with every backend but ``"pallas"``.
 
     Raises:
       ValueError: a field has a value outside its allowed set.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fst_jax import _compat
 from fst_jax._analysis import Site, View
 from fst_jax._config import FSTConfig, Rule
-from fst_jax._dot import GemmPlan, kernel_eligible
+from fst_jax._dot import GemmPlan, cusparselt_ineligible, kernel_eligible
 
 
 class Reason(enum.Enum):
@@ -51,7 +51,6 @@ class Reason(enum.Enum):
     FEW_TOKENS = "{T} token: fewer than 2"
     # backend notes (the product stays sparse, on another backend)
     KERNEL_LAYOUT = "not a plain matmul for the kernels (2-D weight, one contracting dim, no batch dims, one float dtype)"
-    NO_GPU = "no GPU: {backend} needs one"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +75,7 @@ class Product:
     variant: str = ""
     backend: str = "xla"
     executed: float = 1.0
+    note: str = ""  # why it runs on ``backend`` rather than the backend the config asks for
 
     @property
     def message(self) -> str:
@@ -235,10 +235,16 @@ def layer_config(base: FSTConfig, rule: Rule | None) -> FSTConfig:
     return base.replace(**changes, rules=())
 
 
-def _resolve_backend(cfg: FSTConfig) -> str:
-    if cfg.backend == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
-    return cfg.backend
+def _resolve_backend(cfg: FSTConfig) -> tuple[str, str]:
+    """(the backend a config asks for, a note when ``"auto"`` fell back)."""
+    if cfg.backend != "auto":
+        return cfg.backend, ""
+    if jax.default_backend() != "gpu":
+        return "xla", f"auto: no GPU ({jax.default_backend()})"
+    from fst_jax import cusparselt  # noqa: PLC0415
+
+    ok, why = cusparselt.available()
+    return ("cusparselt", "") if ok else ("xla", f"auto: cuSPARSELt unavailable ({why})")
 
 
 def decide(sites: Sequence[Site], config: FSTConfig, param_paths: Sequence[str]) -> tuple[Decision, ...]:
@@ -283,10 +289,17 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         gi = dense if act_diff else dataclasses.replace(dense, backend="none")
         return Decision(forward=dense, grad_input=gi, grad_weight=dense, plan=None, **common)
 
-    backend = _resolve_backend(cfg)
-    kernels = backend == "pallas" and kernel_eligible(site.eqn, side)
-    fwd_backend = "pallas" if kernels else "xla"
-    fwd = Product(True, backend=fwd_backend) if cfg.forward \
+    backend, note = _resolve_backend(cfg)
+    fwd_backend = "xla"
+    if backend == "pallas":
+        fwd_backend = "pallas" if kernel_eligible(site.eqn, side) else "xla"
+        note = note or ("" if fwd_backend == "pallas" else f"pallas: {Reason.KERNEL_LAYOUT.value}")
+    elif backend == "cusparselt":
+        why = cusparselt_ineligible(site.eqn, side)
+        fwd_backend = "cusparselt" if why is None else "xla"
+        note = note or ("" if why is None else f"cusparselt: {why}")
+    half = 0.5 if fwd_backend == "cusparselt" else 1.0  # the sparse tensor cores skip the zeros
+    fwd = Product(True, backend=fwd_backend, note=note, executed=half) if cfg.forward \
         else _dense(Reason.CONFIG, field="forward", value=False)
     if cfg.grad_input == "dense":
         gi = _dense(Reason.CONFIG, field="grad_input", value="dense")
@@ -295,7 +308,7 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
     elif geo.O % 4:
         gi = _dense(Reason.O_NOT_4, O=geo.O)
     else:
-        gi = Product(True, variant=cfg.grad_input, backend=fwd_backend)
+        gi = Product(True, variant=cfg.grad_input, backend=fwd_backend, note=note, executed=half)
     if not act_diff:
         gi = dataclasses.replace(gi, backend="none")
     if cfg.grad_weight == "dense":
@@ -318,7 +331,7 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         grad_input=cfg.grad_input if gi.sparse else "dense",
         grad_weight=cfg.grad_weight if gw.sparse else "dense",
         pattern=cfg.pattern, restore_scale=cfg.restore_scale, sr_ste=cfg.sr_ste if per_use else 0.0,
-        mode=cfg.mode, backend="pallas" if kernels else "xla")
+        mode=cfg.mode, backend=fwd_backend)
     sr = "off" if not (cfg.forward and cfg.sr_ste > 0) else ("per use" if per_use else "parameter")
     return Decision(forward=fwd, grad_input=gi, grad_weight=gw, plan=plan, sr_ste=sr, **common)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any
 
 import jax
@@ -56,7 +57,8 @@ class GemmPlan:
     restore_scale: float = 0.0
     sr_ste: float = 0.0
     mode: str = "masked"  # "compact": grad-weight over the kept half of the tokens only
-    backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows (see _kernel_layout)
+    backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows; "cusparselt": the
+    # forward and grad-input products on the 2:4 sparse tensor cores (see cusparselt_ineligible)
     conv: bool = False  # a conv_general_dilated (weight = kernel = rhs) rather than a dot_general
     t_out_axes: tuple[int, ...] = ()  # conv: the output's spatial axes, flattened row-major into t
     act_free: tuple[int, ...] = ()  # the activation's free axes (t among them), for p = b·T + t
@@ -230,6 +232,82 @@ def kernel_eligible(eqn: Any, side: int) -> bool:
             and a.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) and (pet is None or pet == a.dtype))
 
 
+def cusparselt_ineligible(eqn: Any, side: int) -> str | None:
+    """Why cuSPARSELt cannot run this matmul's forward and grad-input products (None: it can).
+
+    It runs a plain matmul after collapsing contiguous dims to two: float16/bfloat16 operands of
+    one dtype at default precision, no batch dims, the activation's contracting dims its last ones,
+    the weight's contracting dims a leading or trailing block, both in increasing order (so the
+    2:4 groups of the last contracting dim stay aligned in the collapsed ``K``; e.g. a Flax
+    ``DenseGeneral`` kernel ``[D, H, Dh]``).
+    """
+    if eqn.primitive is not _compat.P["dot_general"]:
+        return "a convolution"
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    if lb or rb:
+        return "batch dimensions"
+    w, a = eqn.invars[side].aval, eqn.invars[1 - side].aval
+    w_c, a_c = (lc, rc) if side == 0 else (rc, lc)
+    if w.dtype not in (jnp.float16, jnp.bfloat16) or a.dtype != w.dtype:
+        return f"{a.dtype.name} x {w.dtype.name} (its 2:4 format is float16/bfloat16)"
+    pet = eqn.params.get("preferred_element_type")
+    if pet is not None and pet != w.dtype:
+        return f"preferred_element_type={jnp.dtype(pet).name}"
+    precision = eqn.params.get("precision")
+    if precision is not None and any(p not in (None, lax.Precision.DEFAULT)
+                                     for p in (precision if isinstance(precision, tuple) else (precision,))):
+        return f"precision={precision}"
+    order = sorted(range(len(a_c)), key=lambda i: a_c[i])
+    a_sorted, w_sorted = [a_c[i] for i in order], [w_c[i] for i in order]
+    if a_sorted != list(range(a.ndim - len(a_c), a.ndim)):
+        return "the activation's contracting dims are not its last ones"
+    if w_sorted != sorted(w_c) or not (w_sorted == list(range(len(w_c)))
+                                      or w_sorted == list(range(w.ndim - len(w_c), w.ndim))):
+        return "the weight's contracting dims are not a contiguous leading or trailing block"
+    if a.ndim == len(a_c) or w.ndim == len(w_c):
+        return "no free dimension"
+    return None
+
+
+def _cslt_operands(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> tuple[int, int, bool, tuple, tuple]:
+    """(K, O, weight is [K, O] (else [O, K]), the activation's and the weight's free shapes)."""
+    (lc, rc), _ = plan.params["dimension_numbers"]
+    w_c = lc if plan.weight_side == 0 else rc
+    nk = len(w_c)
+    k_first = sorted(w_c) == list(range(nk))
+    w_free = weight.shape[nk:] if k_first else weight.shape[:weight.ndim - nk]
+    a_free = act.shape[:act.ndim - nk]
+    k = math.prod(act.shape[act.ndim - nk:])
+    return k, math.prod(w_free), k_first, tuple(a_free), tuple(w_free)
+
+
+def _cslt_forward(plan: GemmPlan, act: jax.Array, w_f: jax.Array) -> jax.Array:
+    """``Y = A·W_f`` on the 2:4 sparse tensor cores (``W_f`` is 2:4 along ``K``)."""
+    from fst_jax import cusparselt  # noqa: PLC0415 - only when asked for
+
+    k, o, k_first, a_free, w_free = _cslt_operands(plan, act, w_f)
+    a2 = act.reshape(-1, k)
+    w2 = w_f.reshape((k, o) if k_first else (o, k))
+    if plan.weight_side == 1:  # [M, O] = A2 · W
+        return cusparselt.matmul(a2, w2, sparse="rhs", transpose_rhs=not k_first).reshape(*a_free, *w_free)
+    # the weight on the lhs: [O, M] = Wᵀ · A2ᵀ, without a transposed copy
+    return cusparselt.matmul(w2, a2, sparse="lhs", transpose_lhs=k_first, transpose_rhs=True).reshape(
+        *w_free, *a_free)
+
+
+def _cslt_grad_input(plan: GemmPlan, act: jax.Array, w_b: jax.Array, dy: jax.Array) -> jax.Array:
+    """``dA = dY·W_bᵀ`` on the 2:4 sparse tensor cores (``W_b`` is 2:4 along ``O``)."""
+    from fst_jax import cusparselt  # noqa: PLC0415
+
+    k, o, k_first, _, _ = _cslt_operands(plan, act, w_b)
+    w2 = w_b.reshape((k, o) if k_first else (o, k))
+    if plan.weight_side == 1:
+        d2, t_lhs = dy.reshape(-1, o), False
+    else:
+        d2, t_lhs = dy.reshape(o, -1), True
+    return cusparselt.matmul(d2, w2, sparse="rhs", transpose_lhs=t_lhs, transpose_rhs=k_first).reshape(act.shape)
+
+
 def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
@@ -244,6 +322,8 @@ def _kernel_product(plan: GemmPlan, w_rows: jax.Array, b: jax.Array) -> jax.Arra
 
 
 def _forward_product(plan: GemmPlan, act: jax.Array, w_f: jax.Array) -> jax.Array:
+    if plan.backend == "cusparselt" and plan.forward:
+        return _cslt_forward(plan, act, w_f)
     layout = _kernel_layout(plan, act, w_f)
     if layout is None or not plan.forward:
         return _dot(plan, act, w_f)
@@ -254,6 +334,8 @@ def _forward_product(plan: GemmPlan, act: jax.Array, w_f: jax.Array) -> jax.Arra
 
 
 def _grad_input_product(plan: GemmPlan, act: jax.Array, w_b: jax.Array, dy: jax.Array) -> jax.Array:
+    if plan.backend == "cusparselt" and plan.grad_input != "dense":
+        return _cslt_grad_input(plan, act, w_b, dy)
     layout = _kernel_layout(plan, act, w_b)
     if layout is None or plan.grad_input == "dense":
         _, vjp_act = jax.vjp(lambda a: _dot(plan, a, w_b), act)

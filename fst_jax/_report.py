@@ -37,6 +37,8 @@ class Row:
       token_axis, tokens: the activation axis the grad-weight mask runs along and its length
         (``None`` for convolutions, whose tokens are the output positions, and non-weight matmuls).
       sr_ste: ``"parameter"`` (SR-STE once per weight entry per step), ``"per use"`` or ``"off"``.
+      backend_note: why a sparse product runs on another backend than the config asks for
+        (e.g. ``"cusparselt: float32 x float32 (...)"``), ``""`` otherwise.
       flops_dense: FLOPs of the products one training step computes, all dense (``trips``
         included; once for a while loop); a grad-input product counts only where the activation
         depends on the parameters (gradients are taken with respect to the parameters).
@@ -70,6 +72,7 @@ class Row:
     token_axis: int | None
     tokens: int | None
     sr_ste: str
+    backend_note: str
     flops_dense: int
     flops_executed: int
     flops_fst: int
@@ -96,7 +99,7 @@ def _row(d: Decision) -> Row:
                param_path=d.param_path, trips=d.site.trips, forward=str(d.forward),
                grad_input=str(d.grad_input), grad_weight=str(d.grad_weight),
                backends=tuple(p.backend for p in d.products), token_axis=d.token_axis, tokens=d.tokens,
-               sr_ste=d.sr_ste, flops_dense=len(counted) * per_gemm,
+               sr_ste=d.sr_ste, backend_note=d.forward.note or d.grad_input.note, flops_dense=len(counted) * per_gemm,
                flops_executed=sum(int(per_gemm * p.executed) for p in counted),
                flops_fst=sum(per_gemm // 2 if p.sparse else per_gemm for p in counted), decision=d)
 
@@ -196,9 +199,12 @@ class Report:
             return "\n".join(_table(head, body) + [self._summary()])
         notes: dict[str, int] = {}
 
-        def cell(text: str, backend: str) -> str:
+        def cell(text: str, backend: str, note: str) -> str:
             if text.startswith("sparse"):
-                return "sparse" + ("" if backend == "xla" else f" {backend}")
+                where = "" if backend == "xla" else f" {backend}"
+                if note and backend == "xla" and not text.endswith("compact)"):
+                    return f"sparse[{notes.setdefault(f'on xla: {note}', len(notes) + 1)}]"
+                return "sparse" + (" -" if backend == "none" else where)
             reason = text.removeprefix("dense: ")
             n = notes.setdefault(reason, len(notes) + 1)
             return f"dense[{n}]"
@@ -207,7 +213,8 @@ class Report:
                 "sr_ste")
         body = [(str(r.index), _fit_left(_compact_path(_where(r)), 25), _fit(_short(f"{r.lhs} x {r.rhs}"), 28),
                  r.weight or "-", "?" if r.trips is None else str(r.trips),
-                 *(cell(getattr(r, g), b) for g, b in zip(_GEMMS, r.backends)), self._token(r),
+                 *(cell(getattr(r, g), b, r.backend_note if g != "grad_weight" else "")
+                   for g, b in zip(_GEMMS, r.backends)), self._token(r),
                  {"off": "-", "parameter": "param"}.get(r.sr_ste, r.sr_ste)) for r in self.rows]
         lines = _table(head, body)
         lines += [_fit(f"[{n}] {reason}", WIDTH) for reason, n in notes.items()]

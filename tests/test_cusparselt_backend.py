@@ -1,0 +1,130 @@
+"""``FSTConfig(backend="cusparselt")`` through ``sparsify``: which products reach the custom calls,
+the CUDA lowering of a training step, values equal to the XLA path (with the jnp emulation of the
+custom calls on the CPU), fallbacks reported with their reason, and the clear error without a GPU."""
+
+import contextlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fst_jax
+from fst_jax._compat import lower_for_cuda
+from fst_jax.cusparselt import _ops
+
+CFG = fst_jax.FSTConfig(skip_first=False, skip_last=False, backend="cusparselt", restore_scale=0.5)
+BF = jnp.bfloat16
+
+
+def loss(p, x):
+    """Three layouts: a plain [K, O] weight, a DenseGeneral-style [D, H, Dh] kernel, a weight used
+    transposed ([O, K] as stored)."""
+    h = jnp.tanh(x @ p["w1"])
+    h = jnp.einsum("btd,dhk->bthk", h, p["w2"])
+    h = jnp.tanh(h.reshape(h.shape[:2] + (-1,)))
+    return jnp.mean((h @ p["w3"].T).astype(jnp.float32) ** 2)
+
+
+def make(dtype=BF, seed=0):
+    rng = np.random.default_rng(seed)
+    p = {"w1": rng.normal(size=(32, 64)) / 6, "w2": rng.normal(size=(64, 4, 16)) / 8, "w3": rng.normal(size=(32, 64)) / 8}
+    p = {k: jnp.asarray(v, dtype) for k, v in p.items()}
+    return p, jnp.asarray(rng.normal(size=(2, 16, 32)), dtype)
+
+
+@contextlib.contextmanager
+def emulated():
+    with jax.default_device(jax.devices("cpu")[0]), _ops._emulate_off_cuda():
+        yield
+
+
+def custom_calls(text: str) -> list[str]:
+    return re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
+
+
+def test_report_shows_the_backend_of_every_product():
+    p, x = make()
+    rows = fst_jax.report(loss, CFG)(p, x).rows
+    assert [r.backends for r in rows] == [("cusparselt", "none", "xla")] + [("cusparselt", "cusparselt", "xla")] * 2
+    rep = fst_jax.report(loss, CFG)(p, x)
+    assert rep.flops_executed == rep.flops_fst  # forward, grad-input on the sparse tensor cores, grad-weight compact
+    assert "sparse cusparselt" in str(rep)
+
+
+def test_ineligible_matmuls_run_on_xla_with_the_reason():
+    p, x = make(jnp.float32)
+    rows = fst_jax.report(loss, CFG)(p, x).rows
+    assert all(r.backends[0] == "xla" and "float32" in r.backend_note for r in rows)
+    assert "on xla: cusparselt: float32 x float32" in str(fst_jax.report(loss, CFG)(p, x))
+    hi = lambda w, x: jnp.sum(jnp.dot(x, w, precision="highest"))  # noqa: E731
+    row = fst_jax.report(hi, CFG)(jnp.ones((8, 8), BF), jnp.ones((4, 8), BF)).rows[0]
+    assert row.backends[0] == "xla" and "precision" in row.backend_note
+    batched = lambda w, x: jnp.sum(jnp.einsum("bk,bko->bo", x, jnp.broadcast_to(w, (4, 8, 8))))  # noqa: E731
+    assert fst_jax.report(batched, CFG)(jnp.ones((8, 8), BF), jnp.ones((4, 8), BF)).rows[0].backends[0] == "xla"
+
+
+def test_auto_is_xla_without_a_gpu_and_says_why():
+    p, x = make()
+    rows = fst_jax.report(loss, CFG.replace(backend="auto"))(p, x).rows
+    assert all(r.backends[0] == "xla" and r.backend_note.startswith("auto: no GPU") for r in rows)
+
+
+def test_training_step_lowers_for_cuda_to_the_custom_calls():
+    """Forward (3) and grad-input (2: the first layer's input is data) products are cuSPARSELt
+    calls; the only dot_generals left are the compact grad-weight products (two quarter GEMMs
+    per layer for the checkerboard)."""
+    p, x = make()
+    text = lower_for_cuda(jax.grad(fst_jax.sparsify(loss, CFG)), p, x)
+    calls = custom_calls(text)
+    assert calls.count("fst_cslt_matmul") == 5 and calls.count("fst_cslt_compress") == 5
+    assert text.count("stablehlo.dot_general") == 3 * 2
+    text = lower_for_cuda(jax.grad(fst_jax.sparsify(loss, CFG.replace(backend="xla"))), p, x)
+    assert "fst_cslt" not in text
+
+
+@pytest.mark.parametrize("mode", ["compact", "masked"])
+def test_values_equal_the_xla_path_emulated(mode):
+    """The pruned operands come from fst_jax's own masks, so the emulated custom calls give the
+    XLA path's values (bf16 operands, f32 accumulation: to bf16 rounding)."""
+    p, x = make()
+    cfg = CFG.replace(mode=mode)
+    want = jax.jit(jax.value_and_grad(fst_jax.sparsify(loss, cfg.replace(backend="xla")), argnums=(0, 1)))(p, x)
+    with emulated():
+        got = jax.jit(jax.value_and_grad(fst_jax.sparsify(loss, cfg), argnums=(0, 1)))(p, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                         rtol=2e-2, atol=2e-3), got, want)
+
+
+def test_weight_on_the_lhs_emulated():
+    cfg = CFG.replace(restore_scale=0.0)
+    f = lambda w, x: jnp.sum(jnp.tanh(jnp.einsum("ok,bk->ob", w, x)).astype(jnp.float32))  # noqa: E731
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(16, 32)) / 6, BF)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 32)), BF)
+    assert fst_jax.report(f, cfg)(w, x).rows[0].backends[0] == "cusparselt"
+    want = jax.jit(jax.grad(fst_jax.sparsify(f, cfg.replace(backend="xla")), argnums=(0, 1)))(w, x)
+    with emulated():
+        got = jax.jit(jax.grad(fst_jax.sparsify(f, cfg), argnums=(0, 1)))(w, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                         rtol=2e-2, atol=2e-3), got, want)
+
+
+def test_data_parallel_step_lowers_without_gathering_the_batch():
+    """Batch sharded over 8 devices, weights replicated: the custom calls are partition-aware."""
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("data",))
+    p, x = make()
+    x = jnp.concatenate([x] * 4)  # 8 sequences: one per device
+    xs, ps = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    step = jax.jit(jax.grad(fst_jax.sparsify(loss, CFG)), in_shardings=(ps, xs))
+    text = step.trace(jax.device_put(p, ps), jax.device_put(x, xs)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "fst_cslt_matmul" in text or "CustomSPMDPartitioning" in text
+    assert "all_gather" not in text and "all-gather" not in text
+
+
+def test_running_without_a_gpu_raises_a_clear_error():
+    p, x = make()
+    with pytest.raises(RuntimeError, match="cuSPARSELt"):
+        jax.jit(jax.grad(fst_jax.sparsify(loss, CFG)))(p, x)
