@@ -6,8 +6,9 @@
    :func:`fst_jax._dot.sparse_dot` (one ``jax.custom_vjp``), sub-jaxprs that hold one are re-traced,
    everything else is re-bound as it is; the SR-STE term is attached to the parameters once.
 3. The rewritten jaxpr is cached (bounded, keyed like ``jax.jit``: tree structure, avals, static
-   values, JAX's trace context) and evaluated under the caller's trace; a call outside any trace
-   runs it through one cached ``jax.jit``, so a second eager call compiles nothing.
+   values, JAX's trace context) with one ``jax.jit`` of it, which every call goes through (under
+   an outer ``jit`` it is inlined; under an eager ``jax.grad`` it compiles once instead of
+   dispatching every op), so a second eager call compiles nothing.
 """
 
 from __future__ import annotations
@@ -194,8 +195,8 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
 
     The rewritten jaxpr is cached per signature (tree structure, shapes, dtypes, static values,
     and JAX's trace context such as the x64 flag), keeping the :data:`CACHE_SIZE` most recent.
-    Outside any JAX transformation a call runs through ``jax.jit``, so a second eager call with the
-    same shapes compiles nothing.
+    Each call runs that jaxpr through one cached ``jax.jit`` (inlined under an outer ``jit``), so a
+    second eager call with the same shapes compiles nothing, eager ``jax.grad`` included.
 
     Arguments are passed as to ``jax.jit``-ed functions: arrays and Python ``int``/``float`` are
     traced (an eager step counter does not retrace), Python ``bool``, ``str`` and other non-array
@@ -260,10 +261,9 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
     def sparsified(*args: Any, **kwargs: Any) -> Any:
         split = sig.split(args, kwargs)
         entry = entry_for(split)
-        eager = entry.jitted is not None and not any(isinstance(x, _compat.Tracer) for x in split.leaves) \
-            and not _compat.under_trace()
         try:
-            outs = entry.jitted(*split.leaves) if eager else _compat.eval_closed(entry.rewritten, *split.leaves)
+            outs = entry.jitted(*split.leaves) if entry.jitted is not None \
+                else _compat.eval_closed(entry.rewritten, *split.leaves)
         except TypeError as e:
             if "forward-mode" in str(e) or "jvp" in str(e) and "custom_vjp" in str(e):
                 raise TypeError(_FORWARD_MODE_ERROR) from e
