@@ -123,7 +123,7 @@ def test_while_loop_forward_equals_unrolled():
         _, h = lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, layer(c[1], w)), (0, x))
         return jnp.mean(h**2)
 
-    assert "custom_vjp_call" in str(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(w, x))
+    assert count_sparse_matmuls(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(w, x)) >= 1
     close(jax.jit(fst_jax.sparsify(f, CFG))(w, x), fst_jax.sparsify(loss, CFG)([w] * 3, x))
     assert fst_jax.report(f, CFG)(w, x).rows[0].trips is None
 
@@ -159,7 +159,7 @@ def test_sparsify_of_pmap():
     def f(params, xs):
         return jnp.mean(jax.pmap(lambda xb: loss(params, xb))(xs))
 
-    assert "custom_vjp_call" in str(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params, _shards(x)))
+    assert count_sparse_matmuls(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params, _shards(x))) >= 1
     vg0 = jax.value_and_grad(fst_jax.sparsify(f, NO_SR))(params, _shards(x))
     close(vg0, sparse_value_and_grad(cfg=NO_SR)(params, x), rtol=1e-4)
     g = jax.grad(fst_jax.sparsify(f, CFG))(params, _shards(x))
@@ -194,7 +194,7 @@ def test_sparsify_of_shard_map_equals_single_device():
         body = lambda p, xb: lax.pmean(loss(p, xb), "d")  # noqa: E731
         return jax.shard_map(body, mesh=mesh, in_specs=(P(), P("d")), out_specs=P())(params, x)
 
-    assert "custom_vjp_call" in str(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params, x))
+    assert count_sparse_matmuls(jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params, x)) >= 1
     vg0 = jax.jit(jax.value_and_grad(fst_jax.sparsify(f, NO_SR)))(params, x)
     close(vg0, sparse_value_and_grad(cfg=NO_SR)(params, x), rtol=1e-4)
     g = jax.jit(jax.grad(fst_jax.sparsify(f, CFG)))(params, x)
@@ -321,7 +321,7 @@ def test_avals_and_weak_types_preserved():
 
     j0 = jax.make_jaxpr(f)(params[0], x, 2.0)
     j1 = jax.make_jaxpr(fst_jax.sparsify(f, CFG))(params[0], x, 2.0)
-    assert "custom_vjp_call" in str(j1)
+    assert count_sparse_matmuls(j1) >= 1
     assert [(a.shape, a.dtype, a.weak_type) for a in j1.out_avals] == \
         [(a.shape, a.dtype, a.weak_type) for a in j0.out_avals]
     assert j1.out_avals[1].weak_type
