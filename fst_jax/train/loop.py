@@ -231,6 +231,19 @@ def train_run(
 
     Returns:
       The trained parameters and the :class:`RunResult`.
+
+    Example:
+      >>> import optax
+      >>> from fst_jax.train import batch_indices, init_model, load_digits_dataset, make_optimizer, train_run
+      >>> data = load_digits_dataset("mlp")
+      >>> params, predict = init_model("mlp", 16, 1, data.x_train, seed=0)
+      >>> def loss(p, x, y):
+      ...     return optax.softmax_cross_entropy_with_integer_labels(predict(p, x), y).mean()
+      >>> batches = batch_indices(len(data.x_train), 64, steps=4, seed=0)
+      >>> _, run = train_run("dense", loss, predict, params, data, batches,
+      ...                    make_optimizer("adamw", 1e-2, 4), eval_every=2, quiet=True)
+      >>> run.eval_steps, len(run.losses), run.train_loss[-1] < run.train_loss[0]
+      ([0, 2, 4], 4, True)
     """
     from tqdm import tqdm
 
