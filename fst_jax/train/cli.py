@@ -301,6 +301,11 @@ def _run_payload(r: RunResult) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fst-jax train`` and ``python -m fst_jax.train``.
 
+    Trains the dense and the FST model of each seed, exports and evaluates each FST run's 2:4
+    model (:func:`~fst_jax.train.evaluate_pruned`), prints the report and the results table
+    (:func:`~fst_jax.train.results_table`), and writes ``DIR/results.json`` and
+    ``DIR/curves.png``.
+
     Args:
       argv: the arguments, without the program name; a leading ``"train"`` subcommand is accepted
         and dropped. ``None`` reads ``sys.argv``.
@@ -311,6 +316,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
       SystemExit: with status 2 for invalid arguments (argparse's convention), naming the bad
         flag or ``--config`` field and the allowed values.
+
+    Example:
+      >>> import contextlib, io, json, tempfile
+      >>> from pathlib import Path
+      >>> from fst_jax.train import main
+      >>> out = tempfile.mkdtemp()
+      >>> with contextlib.redirect_stdout(io.StringIO()):  # the table
+      ...     status = main(["--steps", "3", "--width", "8", "--depth", "2", "--quiet", "--out", out])
+      >>> status
+      0
+      >>> fst = json.loads((Path(out) / "results.json").read_text())["runs"]["fst"]
+      >>> fst["pruned"]["pruned"], fst["pruned"]["test_accuracy"] == fst["final"]["test_accuracy"]
+      (["['Dense_1']['kernel']"], True)
     """
     args_in = [os.fspath(a) for a in (sys.argv[1:] if argv is None else argv)]
     invoked_as = Path(sys.argv[0]).name if argv is None and sys.argv else ""
