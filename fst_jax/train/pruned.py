@@ -152,15 +152,19 @@ def evaluate_pruned(
             cache[key] = evaluate
     train_loss, test_loss, test_acc = evaluate(pruned_params, x_all, y_all)
 
-    leaves = jax.tree_util.tree_leaves(masks.tree, is_leaf=lambda x: x is None)
+    # Only the documented parts of Masks: .tree (params' structure, None = kept whole),
+    # .not_exportable and, for the reasons, .unmasked (path -> why no mask).
+    mask_leaves = jax.tree_util.tree_leaves(masks.tree, is_leaf=lambda x: x is None)
+    param_leaves = jax.tree_util.tree_leaves_with_path(params)
     not_exportable = dict(masks.not_exportable)
     unmasked = dict(getattr(masks, "unmasked", {}))
     pruned, dense_weights, others, kept, total = [], {}, [], 0, 0
-    for path, shape, mask in zip(masks.paths, masks.shapes, leaves, strict=True):
+    for (key_path, _), mask in zip(param_leaves, mask_leaves, strict=True):
+        path = jax.tree_util.keystr(key_path)
         if mask is not None:
             pruned.append(path)
             kept += int(np.sum(np.asarray(mask)))
-            total += int(np.prod(shape))
+            total += int(np.size(mask))
         elif path in not_exportable:
             continue
         elif "not a weight" in unmasked.get(path, ""):
