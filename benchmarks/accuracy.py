@@ -53,7 +53,7 @@ import optax
 from tqdm import tqdm
 
 import fst_jax
-from fst_jax.train import DEFAULT_STEPS, _mean_std_se
+from fst_jax.train import DEFAULT_STEPS, mean_std_se
 
 from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
@@ -141,7 +141,7 @@ def summarize(s: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     acc = {v: [float(p["runs"][v]["final"]["test_accuracy"]) for p in results["per_seed"]]
            for v in ("dense", "fst")}
     diff = [f - d for f, d in zip(acc["fst"], acc["dense"], strict=True)]
-    d = _mean_std_se(diff)
+    d = mean_std_se(diff)
     two_se_pt = 2 * 100 * d["stderr"] if d["stderr"] is not None else None
     threshold_pt = max(PARITY_PT, two_se_pt) if two_se_pt is not None else PARITY_PT
     return {
@@ -152,8 +152,8 @@ def summarize(s: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
         "lr": results["optimizer"]["lr"],
         "seeds": results["seeds"],
         "fst_config": results["config"],
-        "dense": _mean_std_se(acc["dense"]),
-        "fst": _mean_std_se(acc["fst"]),
+        "dense": mean_std_se(acc["dense"]),
+        "fst": mean_std_se(acc["fst"]),
         "paired_difference": d,
         "threshold_pt": threshold_pt,
         "parity": abs(100 * d["mean"]) <= threshold_pt,
@@ -349,7 +349,7 @@ class Runner:
             self._fns[fkey] = (loss_fn, predict_fn, tx, {})
         loss_fn, predict_fn, tx, cache = self._fns[fkey]
         params, _ = train.init_model(s["model"], s["width"], depth, data.x_train, seed, data.num_classes)
-        batches = train._batch_indices(len(data.x_train), BATCH_SIZE, steps, seed)
+        batches = train.batch_indices(len(data.x_train), BATCH_SIZE, steps, seed)
         _, result = train.train_run(variant, loss_fn, predict_fn, params, data, batches, tx,
                                     eval_every=max(1, steps // 10), quiet=True, cache=cache)
         final = result.final()

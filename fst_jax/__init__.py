@@ -13,7 +13,6 @@ Example:
   (8, 8)
 """
 
-from fst_jax import optax as optax
 from fst_jax._config import FSTConfig as FSTConfig
 from fst_jax._config import Rule as Rule
 from fst_jax._export import Masks as Masks
@@ -32,6 +31,16 @@ from fst_jax._transform import sparsify as sparsify
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # fst_jax.optax is imported on first use, so that `import fst_jax` imports no optax (an extra).
+    if name == "optax":
+        import importlib
+
+        return importlib.import_module("fst_jax.optax")
+    raise AttributeError(f"module 'fst_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "FSTConfig",
     "Masks",
@@ -42,7 +51,6 @@ __all__ = [
     "forward_masks",
     "gradient_shift",
     "mask_2to4",
-    "optax",
     "prune_params",
     "pruned_params",
     "report",

@@ -8,6 +8,8 @@
 # 2. Python 3.12 with jax 0.11.2, the GPU machine's version, when a Python 3.12 is installed
 #    (pyenv's 3.12.x or python3.12 on PATH): .venv312, then the same suite. Skipped with a notice
 #    when there is no Python 3.12.
+# 3. The lean install: .venv-lean with `pip install -e .` alone (no extras) gets none of flax,
+#    optax, scikit-learn, tqdm, matplotlib, mnist1d, and sparsifies a loss there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -36,3 +38,19 @@ if [ -n "$py312" ]; then
 else
   echo "== no Python 3.12 found: the jax 0.11.2 run was NOT done (install Python 3.12 to run it)"
 fi
+
+echo "== lean install: pip install -e . (no extras) in .venv-lean"
+[ -x .venv-lean/bin/python ] || "${PYTHON:-python3}" -m venv .venv-lean
+.venv-lean/bin/pip install -q -e .
+.venv-lean/bin/python - <<'EOF'
+import importlib.util, sys
+import jax, jax.numpy as jnp, fst_jax
+extras = ("flax", "optax", "sklearn", "tqdm", "matplotlib", "mnist1d")
+installed = [m for m in extras if importlib.util.find_spec(m) is not None]
+assert not installed, f"pip install fst-jax pulled in {installed}"
+loss = fst_jax.sparsify(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2),
+                        fst_jax.FSTConfig(skip_first=False, skip_last=False))
+assert jax.grad(loss)(jnp.ones((8, 8)), jnp.ones((2, 4, 8))).shape == (8, 8)
+assert not {"flax", "optax"} & set(sys.modules)
+print("lean install: jax", jax.__version__, "and numpy only; fst_jax works")
+EOF

@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
 import json
 import os
 import random
 import socket
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fst_jax
+import fst_jax.train.cli
 from fst_jax.models import ResNet
-from fst_jax.train import _mnist1d_arrays, config_from_overrides, load_mnist1d_dataset, main
+from fst_jax.train import (
+    PrunedModel,
+    batch_indices,
+    config_from_overrides,
+    evaluate_pruned,
+    init_model,
+    load_digits_dataset,
+    load_mnist1d_dataset,
+    main,
+    make_optimizer,
+    train_run,
+)
+from fst_jax.train.data import _mnist1d_arrays
 
 
 def _results(out: Path) -> dict:
@@ -28,6 +48,26 @@ def _assert_both_learn(results: dict) -> None:
         assert curves["eval_step"][0] == 0
         assert curves["train_loss"][-1] < curves["train_loss"][0], variant
         assert results["runs"][variant]["final"]["train_loss"] == curves["train_loss"][-1]
+    _assert_pruned_is_the_fst_model(results)
+
+
+def _assert_pruned_is_the_fst_model(results: dict) -> None:
+    """Each FST run's exported 2:4 model (forward_masks + prune_params, dense predict) scores the
+    test accuracy the sparsified predict measured; every weight a sparse forward product prunes
+    was exported, half of its entries kept."""
+    for seed in results["per_seed"]:
+        fst = seed["runs"]["fst"]
+        pruned = fst["pruned"]
+        assert pruned["test_accuracy"] == fst["final"]["test_accuracy"]
+        assert fst["final"]["pruned_test_accuracy"] == pruned["test_accuracy"]
+        assert pruned["equals_sparsified_predict"] is True
+        assert pruned["pruned"] and 2 * pruned["kept"] == pruned["total"]
+        assert pruned["not_exportable"] == {}
+        assert pruned["dense_weights"]  # the first and last layer, by default
+        assert "pruned" not in seed["runs"]["dense"]
+        assert "pruned_test_accuracy" not in seed["runs"]["dense"]["final"]
+    accs = [s["runs"]["fst"]["pruned"]["test_accuracy"] for s in results["per_seed"]]
+    assert results["pruned_test_accuracy"]["values"] == accs
 
 
 MLP_ARGV = "--steps 30 --model mlp --width 64 --lr 3e-3 --seed 3 --quiet".split()
@@ -230,6 +270,12 @@ def test_seeds_aggregate_and_pairing(
     table = capsys.readouterr().out
     assert "test accuracy over 2 seeds (mean ± std)" in table
     assert "paired difference fst − dense" in table
+    # The 2:4 model: its accuracy column, that it equals the FST runs', and which weights it pruned.
+    assert table.splitlines()[0].endswith("2:4 model test acc")
+    assert "= the FST run's test acc (sparsified predict), every seed" in table
+    summary = next(line for line in table.splitlines() if line.startswith("2:4 model: "))
+    assert "2 of 4 weights pruned 2:4" in summary
+    assert "['Dense_0']['kernel']" in summary and "['head']['kernel']" in summary
     results, single = _results(tmp_path), _results(mlp_run)
     assert results["seeds"] == [2, 3]
     assert [s["seed"] for s in results["per_seed"]] == [2, 3]
@@ -254,3 +300,110 @@ def test_seeds_aggregate_and_pairing(
     diffs = np.subtract(accs["fst"], accs["dense"])
     assert agg["paired_difference"]["mean"] == pytest.approx(diffs.mean())
     assert agg["paired_difference"]["stderr"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# The 2:4 model of an FST run
+# ------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_pruned_is_the_model_fst_trained() -> None:
+    """After FST training, the exported 2:4 model evaluated dense computes the sparsified predict's
+    logits, so its accuracy is the one training reports; the raw master weights are another model
+    (the entries the forward mask drops are not zero)."""
+    data = load_digits_dataset("mlp")
+    params, predict = init_model("mlp", 32, 2, data.x_train, seed=0)
+    cfg = fst_jax.FSTConfig()
+
+    def loss(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(predict(p, x), y).mean()
+
+    steps = 20
+    trained, run = train_run(
+        "fst", fst_jax.sparsify(loss, cfg), fst_jax.sparsify(predict, cfg), params, data,
+        batch_indices(len(data.x_train), 64, steps, seed=0), make_optimizer("adamw", 3e-3, steps),
+        eval_every=steps, quiet=True,
+    )
+    model = evaluate_pruned(predict, cfg, trained, data)
+    assert model.test_accuracy == run.test_accuracy[-1]
+    assert model.test_loss == pytest.approx(run.test_loss[-1], rel=1e-6)
+    assert model.pruned == ("['Dense_1']['kernel']",)
+    assert (model.kept, model.total) == (32 * 32 // 2, 32 * 32)
+    assert set(model.dense_weights) == {"['Dense_0']['kernel']", "['head']['kernel']"}
+    assert set(model.others) == {"['Dense_0']['bias']", "['Dense_1']['bias']", "['head']['bias']"}
+    assert model.not_exportable == {}
+
+    x = jnp.asarray(data.x_test)
+    masks = fst_jax.forward_masks(predict, cfg)(trained, x)
+    sparse_logits = fst_jax.sparsify(predict, cfg)(trained, x)
+    pruned_logits = predict(fst_jax.prune_params(trained, masks), x)
+    np.testing.assert_allclose(pruned_logits, sparse_logits, rtol=1e-6, atol=1e-6)
+    dropped = np.asarray(trained["Dense_1"]["kernel"])[~np.asarray(masks.tree["Dense_1"]["kernel"])]
+    assert np.all(dropped != 0)  # master weights keep the dropped entries
+    assert not np.allclose(predict(trained, x), sparse_logits, atol=1e-3)
+
+
+def test_pruned_model_summary_names_what_it_evaluated() -> None:
+    """The summary says how many weights were pruned, which stayed dense and why, and flags
+    weights that could not be exported (then the pruned model is not the model FST trained)."""
+    model = PrunedModel(
+        0.1, 0.2, 0.9, pruned=("['w1']", "['w2']"), kept=16, total=32,
+        dense_weights={"['w0']": "first weight matmul (skip_first)"}, others=("['b0']", "['b1']"),
+    )
+    assert model.summary() == (
+        "2 of 3 weights pruned 2:4 (16 of 32 entries kept), the rest dense: ['w0'] (first weight "
+        "matmul (skip_first)); 2 other parameters (biases, norm scales, embeddings) as they are"
+    )
+    bad = dataclasses.replace(model, not_exportable={"['w3']": "reaches sparse matmul #2 through mul"})
+    assert bad.summary().startswith("2 of 4 weights pruned 2:4")
+    assert "NOT EXPORTABLE" in bad.summary() and "['w3'] (reaches sparse matmul #2 through mul)" in bad.summary()
+
+
+# ------------------------------------------------------------------------------------------------
+# The package: entry points, public names
+# ------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_python_m_and_console_script_entry_points() -> None:
+    """``python -m fst_jax.train`` runs the CLI, and the ``fst-jax`` console script names
+    ``fst_jax.train:main``, the CLI's main."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fst_jax.train", "--help"], cwd=ROOT, capture_output=True,
+        text=True, check=True,
+    ).stdout
+    assert out.startswith("usage: python -m fst_jax.train")
+    assert "--dataset" in out and "--config" in out
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["fst-jax"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is fst_jax.train.cli.main
+
+
+def test_public_names_are_reexported() -> None:
+    """What ``from fst_jax.train import ...`` offered before the package split still works."""
+    import fst_jax.train as train
+
+    for name in (
+        "Dataset", "RunResult", "SeedResult", "aggregate", "build_parser", "config_from_overrides",
+        "init_model", "load_dataset", "load_digits_dataset", "load_mnist1d_dataset", "main",
+        "make_model", "make_optimizer", "train_run", "DEFAULT_STEPS", "DEFAULT_WIDTH",
+        "DEFAULT_DEPTH", "DEFAULT_LR", "DATASETS", "MODELS", "OPTIMIZERS",
+        "mean_std_se", "batch_indices", "evaluate_pruned", "PrunedModel",
+    ):
+        assert hasattr(train, name), name
+    for name in train.__all__:
+        assert getattr(train, name).__module__.startswith("fst_jax.train."), name
+
+
+def test_benchmarks_use_only_public_train_names() -> None:
+    """Benchmarks import fst_jax.train's public functions, not its private helpers."""
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fst_jax.train"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name}:{node.lineno} imports {private} from {node.module}"
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "train" and node.attr.startswith("_")):
+                raise AssertionError(f"{path.name}:{node.lineno} uses train.{node.attr}")
