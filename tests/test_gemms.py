@@ -22,7 +22,8 @@ with one operand the weight ``W`` (argument 0 of ``fn``) and the other the activ
   wrapping) ("fixed_mask"); ``Aᵀ·(dY ⊙ mask_2to4(dY, t))`` ("prune_grad_output").
 * SR-STE: ``dW += λ·(1 − mask_f) ⊙ W``.
 * Left dense: ``K % 4 != 0`` (all three products), ``O_last % 4 != 0`` (grad-input),
-  ``T % 4 != 0`` or no free dim in ``A`` (grad-weight).
+  fewer than 2 tokens or no free dim in ``A`` (grad-weight; ``T % 4 != 0`` for
+  ``prune_grad_output``, whose 2:4 groups run along the tokens).
 """
 
 from __future__ import annotations
@@ -266,7 +267,9 @@ def reference(layout: Layout, cfg: FSTConfig, w: jax.Array, a: jax.Array, dy: ja
     """(Y, dW, dA) of the spec, with the dense fallbacks."""
     k_ok = layout.w_shape[layout.k_axis] % 4 == 0
     o_ok = layout.o_axis is not None and layout.w_shape[layout.o_axis] % 4 == 0
-    t_ok = layout.t_axis is not None and layout.a_shape[layout.t_axis] % 4 == 0
+    t = layout.a_shape[layout.t_axis] if layout.t_axis is not None else 0
+    # the fixed mask needs 2 tokens (even counts here: per-sequence = p-indexed), 2:4 on dY needs groups of 4
+    t_ok = t >= 2 and (cfg.grad_weight != "prune_grad_output" or t % 4 == 0)
 
     mask_f = forward_mask(layout, cfg, w)
     w_f = w if mask_f is None else jnp.where(mask_f, w, 0)
@@ -551,12 +554,13 @@ def test_fallback_o_not_divisible_by_4_grad_input_dense():
 @pytest.mark.parametrize(
     "layout",
     [
-        Layout("t6", (16, 12), (2, 6, 16), False, _NT, _matmul),
+        Layout("t1", (16, 12), (2, 1, 16), False, _NT, _matmul),
         Layout("no_free_dim", (16, 12), (16,), False, (((0,), (0,)), ((), ())), _matmul),
     ],
-    ids=["t6", "no_free_dim"],
+    ids=["t1", "no_free_dim"],
 )
 def test_fallback_no_usable_token_axis_grad_weight_dense(layout):
+    """One token, or none: the grad-weight product is dense; the other two stay sparse."""
     w, a, dy = make_inputs(layout)
     got = run_sparse(layout, FALLBACK_CONFIG, w, a, dy)
     want = reference(layout, FALLBACK_CONFIG, w, a, dy)
@@ -582,3 +586,14 @@ def test_jit_matches_eager():
         return (y, *pull(dy))
 
     assert_triple(jax.jit(vjp)(w, a, dy), reference(layout, cfg, w, a, dy), "jit")
+
+
+def test_six_tokens_fixed_mask_sparse_prune_grad_output_dense():
+    """T = 6: the fixed pattern keeps 2 of every 4 along p for any count, so grad-weight is sparse;
+    prune_grad_output groups the tokens by 4, so it falls back to dense."""
+    layout = Layout("t6", (16, 12), (2, 6, 16), False, _NT, _matmul)
+    w, a, dy = make_inputs(layout)
+    for cfg in (FALLBACK_CONFIG, FALLBACK_CONFIG.replace(grad_weight="prune_grad_output")):
+        assert_triple(run_sparse(layout, cfg, w, a, dy), reference(layout, cfg, w, a, dy), cfg.grad_weight)
+    dense = run_dense(layout, w, a, dy)
+    assert_differs(run_sparse(layout, FALLBACK_CONFIG, w, a, dy)[1], dense[1], "dW sparse at T=6")
