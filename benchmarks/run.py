@@ -20,11 +20,8 @@ Sections (the keys of ``results.json``):
     token-masked ``A``, the shifted ``dY`` and a dense GEMM. *compact* is
     ``fst_jax._dot._compact_grad_weight`` on the kept half of ``A`` already gathered (what the
     compact custom_vjp saves as its residual): the shifted ``dY`` over the kept tokens and one half
-    GEMM (``even``) or, for the ``checkerboard``, one batched GEMM over the two parities (two
-    quarter GEMMs) interleaved along ``K``. *compact, previous form* (checkerboard): the two
-    quarters as two arrays, two GEMMs, each parity's shifted ``dY`` computed from all of ``dY``
-    (what ``_compact_grad_weight`` did before the batched GEMM, and still does for odd token
-    counts), timed in the same rotation. *compact incl. gather* also gathers the kept half of ``A`` from the full ``A`` inside the same jit (in
+    GEMM (``even``) or two quarter GEMMs interleaved along ``K`` (``checkerboard``). *compact incl.
+    gather* also gathers the kept half of ``A`` from the full ``A`` inside the same jit (in
     training that gather happens in the forward pass, once per step). Ratios are
     ``dense time / other time``: above 1 means faster than dense.
 ``gemm_profile``
@@ -268,12 +265,6 @@ def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, ru
         "compact": lambda: compact(parts, w, dy),
         "compact_gather": lambda: gather(a, w, dy),
     }
-    if pattern == "checkerboard" and len(parts) == 1:
-        # The previous form (before the batched GEMM): the two quarters as two arrays, two GEMMs,
-        # each parity's shifted dY computed from all of dY. _compact_grad_weight still runs it for
-        # odd token counts, so it is timed here side by side.
-        two = tuple(jax.block_until_ready(parts[0][p]) for p in (0, 1))
-        fns["compact_prev"] = lambda: compact(two, w, dy)
     times = time_interleaved(fns, warmup, runs)
     res: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": jnp.dtype(dtype).name, "pattern": pattern,
                            "flops_dense": 2 * t * k * o}
@@ -295,11 +286,9 @@ def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
         plan = matmul_plan(a, w, pattern, "compact")
         phases = (0, 1) if pattern == "checkerboard" else (0,)
         parts = jax.jit(functools.partial(_dot._compact_parts, plan))(a)
-        quarters = tuple(parts[0]) if pattern == "checkerboard" and len(parts) == 1 else parts
+        quarters = parts
 
         def shift(dy: jax.Array) -> Any:
-            if pattern == "checkerboard" and len(parts) == 1:  # both parities in one pass
-                return _dot._shifted_parities(dy, 0, plan.restore_scale)
             return tuple(_dot._shifted_tokens(dy, 0, p, plan.restore_scale) for p in phases)
 
         shifted = jax.block_until_ready(jax.jit(shift)(dy))
@@ -655,13 +644,11 @@ def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> st
                      _ms(r["compact_gather"]["median_s"]), f"{r['speedup_masked']:.2f}",
                      f"{r['speedup_compact']:.2f}", f"{r['paired_speedup_compact']:.2f}",
                      f"{r['speedup_compact_gather']:.2f}",
-                     f"{r['speedup_compact_prev']:.2f}" if "speedup_compact_prev" in r else "-",
-                     f"{r['paired_speedup_compact_prev']:.2f}" if "speedup_compact_prev" in r else "-",
                      _target_str("gemm") if is_target else "-",
                      _met(r["speedup_compact"], "gemm") if is_target else "-"])
     out = md_table(["T", "K", "O", "dtype", "pattern", "dense ms", "masked ms", "compact ms",
                     "compact incl. gather ms", "dense/masked", "dense/compact", "paired",
-                    "dense/(compact incl. gather)", "dense/compact, previous form", "paired",
+                    "dense/(compact incl. gather)",
                     "target", "met"], rows)
     prow = []
     for r in profile:
@@ -864,6 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mmaps (MALLOC_MMAP_MAX_=0 ...), like a GPU's caching allocator")
     p.add_argument("--multiprocess", action="store_true",
                    help="also time data-parallel training over 2 processes (benchmarks/multiprocess.py)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each variant first (default 2)")
     p.add_argument("--gemm-runs", type=int, default=None,
                    help="timed runs of the GEMM cases (default: 3 with --quick, else 10)")
     return p
@@ -893,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.call([sys.executable, "-m", "benchmarks.run", *argv], env=env, cwd=ROOT.parent)
     runs = args.runs or (3 if args.quick else 15)
     gemm_runs = args.gemm_runs or (3 if args.quick else 10)
-    warmup = 2
+    warmup = args.warmup
     compile_reps = 1 if args.quick else 3
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -132,36 +132,20 @@ def _unstride(x: jax.Array, axis: int, phase: int, length: int | None = None) ->
     return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
-def _stacked_checkerboard(plan: GemmPlan, n_tokens: int) -> bool:
-    """Whether the checkerboard's two kept quarters are saved stacked on a new leading axis (one
-    array ``[2, *quarter]``) and multiplied as one batched GEMM: when the token count is even, so
-    that both parities keep the same number of tokens."""
-    return plan.pattern == "checkerboard" and n_tokens % 2 == 0
-
-
 def _compact_parts(plan: GemmPlan, a: jax.Array) -> tuple[jax.Array, ...]:
     """The kept half of the activation: ``A[t even]`` or ``A[t odd]``; for the checkerboard,
     ``A[t even, k even]`` and ``A[t odd, k odd]`` (k's parity is that of the last contracting axis,
-    whose length K is a multiple of 4), stacked on a new leading axis (``(stack,)``) when the
-    token count is even, else as two arrays.
-
-    The stacked form is the batched GEMM's operand as it is: the backward pass reads it without
-    a copy, and the forward pass writes it in one fused gather."""
+    whose length K is a multiple of 4)."""
     if plan.pattern != "checkerboard":
         return (_every_other(a, plan.t_axis, int(plan.pattern == "odd")),)
     c = plan.act_contract[-1]
-    parts = tuple(_every_other(_every_other(a, plan.t_axis, p), c, p) for p in (0, 1))
-    if _stacked_checkerboard(plan, a.shape[plan.t_axis]):
-        return (jnp.stack(parts),)
-    return parts
+    return tuple(_every_other(_every_other(a, plan.t_axis, p), c, p) for p in (0, 1))
 
 
 def _from_compact(plan: GemmPlan, parts: tuple[jax.Array, ...]) -> jax.Array:
     """An activation-shaped array rebuilt from the kept parts (the masked activation)."""
     if plan.pattern != "checkerboard":
         return _unstride(parts[0], plan.t_axis, int(plan.pattern == "odd"))
-    if len(parts) == 1:  # stacked on a new leading axis
-        parts = (parts[0][0], parts[0][1])
     c = plan.act_contract[-1]
     return sum(_unstride(_unstride(x, c, p), plan.t_axis, p) for p, x in enumerate(parts))
 
@@ -178,26 +162,10 @@ def _shifted_tokens(dy: jax.Array, axis: int, phase: int, scale: float) -> jax.A
     return (kept.astype(wide) + scale * prev.astype(wide)).astype(dy.dtype)
 
 
-def _shifted_parities(dy: jax.Array, axis: int, scale: float) -> jax.Array:
-    """``gradient_shift(dy, axis, scale)`` split by token parity onto a new leading axis:
-    ``out[p] = dY'[..., p::2, ...]`` (the token count must be even).
-
-    One pass over ``dY`` (each entry read once, each shifted entry written once), where two calls
-    of :func:`_shifted_tokens` read ``dY`` twice; the output is the batched GEMM's operand."""
-    pairs = dy.reshape(*dy.shape[:axis], dy.shape[axis] // 2, 2, *dy.shape[axis + 1:])
-    even, odd = (lax.index_in_dim(pairs, p, axis + 1, keepdims=False) for p in (0, 1))
-    if scale == 0:
-        return jnp.stack([even, odd])
-    wide = jnp.promote_types(dy.dtype, jnp.float32)
-    even_w, odd_w = even.astype(wide), odd.astype(wide)
-    shifted = (even_w + scale * jnp.roll(odd_w, 1, axis), odd_w + scale * even_w)
-    return jnp.stack([s.astype(dy.dtype) for s in shifted])
-
-
 def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: jax.Array,
                          dy: jax.Array) -> jax.Array:
-    """dW as dense GEMMs over the kept tokens: one half GEMM, or for the checkerboard one batched
-    GEMM over the two parities (two quarter GEMMs), interleaved along K."""
+    """dW as dense GEMMs over the kept tokens: one half GEMM, or two quarter GEMMs for the
+    checkerboard, interleaved along K."""
     def grad(a_part: jax.Array, w_part: jax.Array, dy_part: jax.Array) -> jax.Array:
         _, vjp_w = jax.vjp(lambda w: _dot(plan, a_part, w), w_part)
         return vjp_w(dy_part)[0]
@@ -207,10 +175,6 @@ def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: j
         phase = int(plan.pattern == "odd")
         return grad(parts[0], weight, _shifted_tokens(dy, t_out, phase, s))
     k = plan.k_axis
-    if len(parts) == 1:  # stacked: one batched GEMM over the parity axis
-        halves = jax.vmap(grad, in_axes=(0, None, 0))(parts[0], _every_other(weight, k, 0),
-                                                     _shifted_parities(dy, t_out, s))
-        return jnp.moveaxis(halves, 0, k + 1).reshape(weight.shape)
     halves = [grad(parts[p], _every_other(weight, k, p), _shifted_tokens(dy, t_out, p, s)) for p in (0, 1)]
     return jnp.stack(halves, axis=k + 1).reshape(weight.shape)
 
