@@ -506,7 +506,7 @@ def _cost(compiled: Any) -> dict[str, float | None]:
 
 
 def bench_model(name: str, case: dict[str, Any], warmup: int, runs: int, compile_reps: int,
-                progress: Callable[[str], None]) -> dict[str, Any]:
+                progress: Callable[[str], None], faults: bool = True) -> dict[str, Any]:
     """All model sections (train step, memory + floor, compile time, FLOPs, GPU proxy) for one model."""
     hook = overhead.DotHook()
     module = case["module"](dot_general=hook)
@@ -621,7 +621,7 @@ def bench_model(name: str, case: dict[str, Any], warmup: int, runs: int, compile
                              warmup, runs)
     ts: dict[str, Any] = {m: _summary(times[m]) for m in variants}
     try:
-        for m in variants:
+        for m in variants if faults else ():
             ts[m]["minor_faults_per_call"] = minor_faults_per_call(
                 functools.partial(compiled[m], params, opt_state, x))
     except ImportError:  # not POSIX
@@ -858,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiprocess", action="store_true",
                    help="also time data-parallel training over 2 processes (benchmarks/multiprocess.py)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls of each variant first (default 2)")
+    p.add_argument("--compile-reps", type=int, default=None, help="compile repetitions (default: 1 with --quick, else 3)")
+    p.add_argument("--no-faults", action="store_true", help="do not count page faults per step (saves 4 steps per variant)")
     p.add_argument("--gemm-runs", type=int, default=None,
                    help="timed runs of the GEMM cases (default: 3 with --quick, else 10)")
     return p
@@ -888,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = args.runs or (3 if args.quick else 15)
     gemm_runs = args.gemm_runs or (3 if args.quick else 10)
     warmup = args.warmup
-    compile_reps = 1 if args.quick else 3
+    compile_reps = args.compile_reps or (1 if args.quick else 3)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = machine_info(argv)
@@ -920,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_results = []
     for name, case in models.items():
         bar.set_postfix_str(f"{name}: FLOPs")
-        model_results.append(bench_model(name, case, warmup, runs, compile_reps, progress))
+        model_results.append(bench_model(name, case, warmup, runs, compile_reps, progress, not args.no_faults))
         progress(f"{name}: done")
     bar.close()
     meta["loadavg_end"] = _loadavg()
