@@ -3,7 +3,9 @@
 Run from the repository root::
 
     python -m benchmarks.run            # full shapes; appends a dated section to benchmarks/RESULTS.md
-    python -m benchmarks.run --quick    # tiny shapes, 3 timed runs: a smoke run (< 1 minute)
+    python -m benchmarks.run --quick    # tiny shapes (a tiny GPT), 3 timed runs: a smoke run (minutes)
+    python -m benchmarks.run --models gpt gpt_bf16 --skip-gemm   # the GPT alone
+    python -m benchmarks.run --malloc-cache ...   # glibc reusing freed memory (no per-call page faults)
     python -m benchmarks.run --out DIR --no-append
 
 Everything runs on whatever backend JAX picks (``jax.default_backend()``). The run prints markdown
