@@ -3,7 +3,9 @@
 Run from the repository root::
 
     python -m benchmarks.run            # full shapes; appends a dated section to benchmarks/RESULTS.md
-    python -m benchmarks.run --quick    # tiny shapes, 3 timed runs: a smoke run (< 1 minute)
+    python -m benchmarks.run --quick    # tiny shapes (a tiny GPT), 3 timed runs: a smoke run (minutes)
+    python -m benchmarks.run --models gpt gpt_bf16 --skip-gemm   # the GPT alone
+    python -m benchmarks.run --malloc-cache ...   # glibc reusing freed memory (no per-call page faults)
     python -m benchmarks.run --out DIR --no-append
 
 Everything runs on whatever backend JAX picks (``jax.default_backend()``). The run prints markdown
@@ -29,19 +31,27 @@ Sections (the keys of ``results.json``):
     (the GEMMs alone on pre-shifted ``dY``, the ``dY`` shift/slice alone, the ``A`` gather alone),
     to show where the time goes.
 ``train_step``
-    One jitted training step (forward, backward, ``optax.adamw`` update; nothing donated) of an
-    MLP and of a pre-LN transformer block, f32, for the untransformed loss (*dense*) and for
+    One jitted training step (forward, backward, ``optax.adamw`` update; nothing donated) of each
+    model: an MLP, a pre-LN transformer block and a GPT-style decoder (6 causal pre-LN blocks,
+    d_model 512, 8 heads, MLP 4x, vocabulary 1024 with its own dense LM head, tokens [8, 256];
+    f32, and bf16 compute with f32 parameters), for the untransformed loss (*dense*) and for
     ``fst_jax.sparsify(loss, FSTConfig(mode=..., skip_first=False, skip_last=False))`` with
     ``mode="masked"`` and ``mode="compact"``: *every* weight matmul is sparse, the first and last
-    included. Median of the timed runs after the warm-up runs, interleaved round-robin
-    (dense, masked, compact in each repetition), each call waited for with ``block_until_ready``.
-    A fourth variant, compact with ``pattern="even"``, runs in the same rotation for comparison
-    (the targets use the default pattern, checkerboard).
+    included. Median of the timed runs after the warm-up runs, interleaved round-robin, each call
+    waited for with ``block_until_ready``; *paired* is the median over repetitions of dense time /
+    compact time of the same repetition. Two more variants run in the same rotation: compact with
+    ``pattern="even"``, and the library's **default config** ``FSTConfig()`` (compact,
+    checkerboard, first and last weight matmul dense). The minor page faults per step are counted
+    too (see ``--malloc-cache``).
 ``memory``
     *residual bytes*: the summed ``nbytes`` of the distinct arrays held by the closure of
-    ``jax.vjp(loss, params, x)[1]`` (what the backward pass keeps from the forward pass; weights
-    included), on the real shapes, with the ``vjp`` under ``jax.jit``. *temp bytes*: ``memory_analysis().temp_size_in_bytes`` of the
-    compiled training step (``None`` where the backend does not say).
+    ``jax.vjp(lambda p: loss(p, x), params)[1]`` (what the backward pass keeps from the forward
+    pass; weights included), on the real shapes, with the ``vjp`` under ``jax.jit``. *temp bytes*:
+    ``memory_analysis().temp_size_in_bytes`` of the compiled training step (``None`` where the
+    backend does not say). *floor* / *floor_default*: the residuals of the same model in which
+    every sparse weight matmul keeps only the kept half of its activation, once per distinct
+    activation (benchmarks/overhead.py): what the rest of the model keeps anyway plus what FST
+    cannot avoid keeping.
 ``compile``
     Trace + lower time (``jax.jit(step).lower(...)``) and compile time (``.compile()``) of the
     training step, each on a fresh step function and a fresh ``sparsify`` wrapper, so that no
@@ -50,6 +60,17 @@ Sections (the keys of ``results.json``):
 ``flops``
     Matmul FLOPs of one training step (forward + both backward products) from
     ``fst_jax.report``: dense, and FST with each 2:4-sparse product counted at half.
+``proxy``
+    The GPU proxy (benchmarks/overhead.py): the bytes FST's own passes move per step, from the
+    HLO (non-GEMM bytes of the compiled and of the unoptimized step, FST minus dense) and from an
+    analytic count per sparse matmul (fused and unfused bounds), as a share of an H200 step.
+``multiprocess`` (with ``--multiprocess``)
+    Data-parallel training over 2 processes vs 1 (benchmarks/multiprocess.py): step time and the
+    gradient all-reduce alone.
+
+Options: ``--models`` (a subset), ``--skip-gemm``, ``--runs``, ``--gemm-runs``, ``--multiprocess``,
+``--malloc-cache`` (glibc without ``mmap`` for large blocks, so XLA:CPU's per-call temp buffers
+are reused instead of page-faulted afresh on every call, as a GPU's caching allocator reuses them).
 
 Targets are shown next to the numbers with a met/missed marker; they are goals for the library,
 and the numbers are whatever this run measured.
@@ -66,6 +87,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +102,7 @@ import optax
 from tqdm import tqdm
 
 import fst_jax
+from benchmarks import overhead
 from fst_jax import _dot
 
 ROOT = Path(__file__).resolve().parent
@@ -95,11 +118,13 @@ average at the start and end of each run is recorded with it.
 
 # Targets: (description, threshold, comparison).
 TARGETS: dict[str, tuple[str, float, str]] = {
-    "gemm": ("grad-weight GEMM compact vs dense, f32, T=8192 K=O=1024", 1.6, ">="),
-    "train_compact": ("training step compact vs dense", 1.08, ">="),
+    "gemm": ("grad-weight GEMM compact vs dense, f32, T=8192 K=O=1024", 1.75, ">="),
+    "train_compact": ("training step compact vs dense", 1.10, ">="),
     "train_masked": ("training step masked vs dense (at most 1.3x slower)", 1 / 1.3, ">="),
     "residual": ("residual bytes compact / dense", 0.8, "<="),
-    "compile": ("trace+lower+compile FST / dense", 2.0, "<="),
+    # the issue's memory target: <= 0.8 of dense, or within 5 % of the floor, whichever is higher
+    "residual_floor": ("residual bytes compact / floor (met if this or the one above is)", 1.05, "<="),
+    "compile": ("trace+lower+compile FST / dense", 1.5, "<="),
 }
 TARGET_GEMM_SHAPE = (8192, 1024, 1024)
 MODES = ("dense", "masked", "compact")
@@ -174,6 +199,29 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, runs: int) 
     return times
 
 
+def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3) -> float:
+    """Minor page faults of this process per call of ``fn`` (after one untimed call).
+
+    On Linux/glibc every allocation of 32 MiB or more is a fresh ``mmap``: each page an XLA:CPU
+    executable touches in such a buffer (its temp buffer, large outputs) faults once per call.
+    """
+    import resource  # noqa: PLC0415 - POSIX only
+
+    jax.block_until_ready(fn())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        jax.block_until_ready(fn())
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+#: glibc settings of ``--malloc-cache``: no ``mmap`` for large blocks and no trimming, so freed
+#: memory is reused without page faults (as a GPU's caching allocator does).
+#: One arena (``MALLOC_ARENA_MAX=1``): threads' arenas are mmapped heaps that glibc shrinks with
+#: ``madvise`` on free; with it a dense MLP step faults 27k times instead of 52k (2026-11-29).
+MALLOC_CACHE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), "MALLOC_TOP_PAD_": str(2**28),
+                    "MALLOC_ARENA_MAX": "1"}
+
+
 def _summary(ts: list[float]) -> dict[str, Any]:
     return {"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
 
@@ -218,18 +266,21 @@ def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, ru
     masked = jax.jit(functools.partial(_masked_grad_weight, mplan))
     compact = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
     gather = jax.jit(lambda a, w, dy: _dot._compact_grad_weight(plan, _dot._compact_parts(plan, a), w, dy))
-    times = time_interleaved({
+    fns = {
         "dense": lambda: dense(a, dy),
         "masked": lambda: masked(a, w, dy),
         "compact": lambda: compact(parts, w, dy),
         "compact_gather": lambda: gather(a, w, dy),
-    }, warmup, runs)
+    }
+    times = time_interleaved(fns, warmup, runs)
     res: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": jnp.dtype(dtype).name, "pattern": pattern,
                            "flops_dense": 2 * t * k * o}
     res.update({name: _summary(ts) for name, ts in times.items()})
     d = res["dense"]["median_s"]
-    for name in ("masked", "compact", "compact_gather"):
-        res[f"speedup_{name}"] = d / res[name]["median_s"]
+    for name in fns:
+        if name != "dense":
+            res[f"speedup_{name}"] = d / res[name]["median_s"]
+            res[f"paired_speedup_{name}"] = statistics.median(x / y for x, y in zip(times["dense"], times[name]))
     return res
 
 
@@ -242,15 +293,16 @@ def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
         plan = matmul_plan(a, w, pattern, "compact")
         phases = (0, 1) if pattern == "checkerboard" else (0,)
         parts = jax.jit(functools.partial(_dot._compact_parts, plan))(a)
+        quarters = parts
 
-        def shift(dy: jax.Array) -> tuple[jax.Array, ...]:
+        def shift(dy: jax.Array) -> Any:
             return tuple(_dot._shifted_tokens(dy, 0, p, plan.restore_scale) for p in phases)
 
         shifted = jax.block_until_ready(jax.jit(shift)(dy))
         fns = {
             "dense": functools.partial(jax.jit(lambda a, dy: a.T @ dy), a, dy),
             "gemms_only": functools.partial(
-                jax.jit(lambda ps, ds: tuple(p.T @ d for p, d in zip(ps, ds))), parts, shifted),
+                jax.jit(lambda ps, ds: tuple(p.T @ ds[i] for i, p in enumerate(ps))), quarters, shifted),
             "dy_shift_only": functools.partial(jax.jit(shift), dy),
             "a_gather_only": functools.partial(jax.jit(functools.partial(_dot._compact_parts, plan)), a),
             "compact": functools.partial(jax.jit(functools.partial(_dot._compact_grad_weight, plan)),
@@ -274,11 +326,12 @@ class BenchMLP(nn.Module):
 
     width: int
     depth: int = 4
+    dot_general: Any = None  # a DotHook (benchmarks.overhead) or None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
-            x = nn.Dense(self.width)(x)
+            x = nn.Dense(self.width, dot_general=self.dot_general)(x)
             if i < self.depth - 1:
                 x = nn.gelu(x)
         return x
@@ -289,38 +342,105 @@ class BenchBlock(nn.Module):
 
     num_heads: int
     mlp_ratio: int = 4
+    dtype: Any = None  # the computation dtype (None: the inputs'); parameters stay f32
+    dot_general: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         d = x.shape[-1]
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d)(nn.LayerNorm()(x))
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, qkv_features=d, dtype=self.dtype, qkv_dot_general=self.dot_general,
+            out_dot_general=self.dot_general)(nn.LayerNorm(dtype=self.dtype)(x), mask=mask)
         x = x + y
-        y = nn.Dense(d)(nn.gelu(nn.Dense(self.mlp_ratio * d)(nn.LayerNorm()(x))))
+        h = nn.Dense(self.mlp_ratio * d, dtype=self.dtype, dot_general=self.dot_general)(
+            nn.LayerNorm(dtype=self.dtype)(x))
+        y = nn.Dense(d, dtype=self.dtype, dot_general=self.dot_general)(nn.gelu(h))
         return x + y
 
 
-def model_cases(quick: bool) -> dict[str, dict[str, Any]]:
-    """The models: name -> module, input shape and a description."""
+class BenchGPT(nn.Module):
+    """A GPT-style decoder: token + learned position embeddings, ``depth`` pre-LN causal blocks,
+    a final LayerNorm and a dense LM head (its own weight, not tied to the embedding)."""
+
+    vocab: int
+    d_model: int
+    num_heads: int
+    depth: int
+    dtype: Any = None
+    dot_general: Any = None
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        t = tokens.shape[-1]
+        x = nn.Embed(self.vocab, self.d_model, dtype=self.dtype)(tokens)
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (t, self.d_model))
+        x = x + pos.astype(x.dtype)[None]
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.depth):
+            x = BenchBlock(self.num_heads, dtype=self.dtype, dot_general=self.dot_general)(x, mask)
+        x = nn.LayerNorm(dtype=self.dtype)(x)
+        return nn.Dense(self.vocab, dtype=self.dtype, dot_general=self.dot_general, name="lm_head")(x)
+
+
+def _gpt_case(quick: bool, dtype: Any) -> dict[str, Any]:
+    vocab, d, heads, depth, (b, t) = (64, 32, 2, 2, (2, 16)) if quick else (1024, 512, 8, 6, (8, 256))
+    name = jnp.dtype(dtype).name
+    return dict(module=functools.partial(BenchGPT, vocab=vocab, d_model=d, num_heads=heads, depth=depth,
+                                         dtype=dtype),
+                x_shape=(b, t), tokens=vocab, loss="lm",
+                desc=f"GPT {depth} layers d={d}, {heads} heads, MLP 4x, vocab {vocab} (dense LM head), causal, "
+                     f"tokens [{b}, {t}], {name} compute (f32 parameters)")
+
+
+def model_cases(quick: bool, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The models: name -> module factory (``dot_general=`` hook), input shape, loss and description."""
     if quick:
-        return {
-            "mlp": dict(module=BenchMLP(width=64), x_shape=(256, 64),
+        cases = {
+            "mlp": dict(module=functools.partial(BenchMLP, width=64), x_shape=(256, 64),
                         desc="MLP 4x Dense(64), gelu, x [256, 64]"),
-            "transformer_block": dict(module=BenchBlock(num_heads=2), x_shape=(4, 16, 32),
+            "transformer_block": dict(module=functools.partial(BenchBlock, num_heads=2), x_shape=(4, 16, 32),
                                       desc="pre-LN block d=32, 2 heads, MLP 4x, x [4, 16, 32]"),
         }
-    return {
-        "mlp": dict(module=BenchMLP(width=1024), x_shape=(4096, 1024),
-                    desc="MLP 4x Dense(1024), gelu, x [4096, 1024]"),
-        "transformer_block": dict(module=BenchBlock(num_heads=8), x_shape=(16, 256, 512),
-                                  desc="pre-LN block d=512, 8 heads, MLP 4x, x [16, 256, 512]"),
-    }
+    else:
+        cases = {
+            "mlp": dict(module=functools.partial(BenchMLP, width=1024), x_shape=(4096, 1024),
+                        desc="MLP 4x Dense(1024), gelu, x [4096, 1024]"),
+            "transformer_block": dict(module=functools.partial(BenchBlock, num_heads=8), x_shape=(16, 256, 512),
+                                      desc="pre-LN block d=512, 8 heads, MLP 4x, x [16, 256, 512]"),
+        }
+    cases["gpt"] = _gpt_case(quick, jnp.float32)
+    if not quick:  # the smoke run keeps one tiny GPT
+        cases["gpt_bf16"] = _gpt_case(quick, jnp.bfloat16)
+    if names == ["none"]:
+        return {}
+    if names:
+        unknown = set(names) - set(cases)
+        if unknown:
+            raise SystemExit(f"unknown model(s) {sorted(unknown)}; choose from {sorted(cases)}")
+        cases = {n: cases[n] for n in names}
+    return cases
 
 
-def make_loss(module: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
-    """``loss(params, x) = mean(module(x) ** 2)``."""
+def make_input(case: dict[str, Any], key: jax.Array) -> jax.Array:
+    """The model's input: random tokens for a language model, else a standard normal ``x``."""
+    if case.get("loss") == "lm":
+        return jax.random.randint(key, case["x_shape"], 0, case["tokens"], jnp.int32)
+    return jax.random.normal(key, case["x_shape"], jnp.float32)
+
+
+def make_loss(module: nn.Module, kind: str = "l2") -> Callable[[Any, jax.Array], jax.Array]:
+    """``loss(params, x)``: ``mean(module(x) ** 2)``, or for ``kind="lm"`` the next-token
+    cross-entropy of ``module(tokens)`` (f32 logits; the last position predicts the first)."""
+    if kind == "lm":
+        def lm_loss(params: Any, tokens: jax.Array) -> jax.Array:
+            logits = module.apply({"params": params}, tokens).astype(jnp.float32)
+            targets = jnp.roll(tokens, -1, axis=-1)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return lm_loss
+
     def loss(params: Any, x: jax.Array) -> jax.Array:
         y = module.apply({"params": params}, x)
-        return jnp.mean(jnp.square(y))
+        return jnp.mean(jnp.square(y.astype(jnp.float32)))
     return loss
 
 
@@ -329,11 +449,22 @@ def fst_config(mode: str) -> fst_jax.FSTConfig:
     return fst_jax.FSTConfig(mode=mode, skip_first=False, skip_last=False)
 
 
+#: The variants of the train-step rotation: the benchmark config per mode, the benchmark config with
+#: ``pattern="even"``, and the library's default config (compact, first and last weight matmul dense).
+VARIANT_CONFIGS: dict[str, Callable[[], fst_jax.FSTConfig]] = {
+    "masked": lambda: fst_config("masked"),
+    "compact": lambda: fst_config("compact"),
+    "compact_even": lambda: fst_config("compact").replace(pattern="even"),
+    "default": lambda: fst_jax.FSTConfig(),
+}
+
+
 def make_mode_loss(loss: Callable, mode: str) -> Callable:
-    """A fresh loss for ``mode``: the loss itself for dense, a new ``sparsify`` wrapper otherwise."""
+    """A fresh loss for ``mode`` (``"dense"`` or a key of :data:`VARIANT_CONFIGS`): the loss itself
+    for dense, a new ``sparsify`` wrapper otherwise."""
     if mode == "dense":
         return lambda params, x: loss(params, x)
-    return fst_jax.sparsify(loss, fst_config(mode))
+    return fst_jax.sparsify(loss, VARIANT_CONFIGS[mode]())
 
 
 def make_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
@@ -346,12 +477,14 @@ def make_step(loss: Callable, opt: optax.GradientTransformation) -> Callable:
 
 
 def residual_bytes(loss: Callable, params: Any, x: jax.Array) -> tuple[int, int]:
-    """(bytes, count) of the distinct arrays in the closure of ``jax.vjp(loss, params, x)[1]``.
+    """(bytes, count) of the distinct arrays in the closure of ``jax.vjp(lambda p: loss(p, x), params)[1]``.
 
     The ``vjp`` runs under ``jax.jit`` (one compiled forward pass instead of op-by-op dispatch),
     so the residuals are those a jitted training step keeps; the closure is returned as a pytree.
+    (Identical residuals of several matmuls count once each here; inside one jitted training step
+    XLA may merge them: the compiled temp bytes are the step's real footprint.)
     """
-    pull = jax.jit(lambda p, x: jax.vjp(loss, p, x)[1])(params, x)
+    pull = jax.jit(lambda p, x: jax.vjp(lambda p: loss(p, x), p)[1])(params, x)
     seen: dict[int, int] = {}
     for leaf in jax.tree_util.tree_leaves(pull):
         if hasattr(leaf, "nbytes"):
@@ -368,33 +501,51 @@ def _temp_bytes(compiled: Any) -> dict[str, int | None]:
     return {k: (None if stats is None else getattr(stats, k, None)) for k in keys}
 
 
+def _cost(compiled: Any) -> dict[str, float | None]:
+    try:
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        return {"flops": c.get("flops"), "bytes_accessed": c.get("bytes accessed")}
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return {"flops": None, "bytes_accessed": None}
+
+
 def bench_model(name: str, case: dict[str, Any], warmup: int, runs: int, compile_reps: int,
-                progress: Callable[[str], None]) -> dict[str, Any]:
-    """All model sections (train step, memory, compile time, FLOPs) for one model."""
-    module, x_shape = case["module"], case["x_shape"]
+                progress: Callable[[str], None], faults: bool = True) -> dict[str, Any]:
+    """All model sections (train step, memory + floor, compile time, FLOPs, GPU proxy) for one model."""
+    hook = overhead.DotHook()
+    module = case["module"](dot_general=hook)
     kp, kx = jax.random.split(jax.random.key(1))
-    x = jax.random.normal(kx, x_shape, jnp.float32)
+    x = make_input(case, kx)
     params = jax.jit(module.init)(kp, x)["params"]
-    loss = make_loss(module)
+    loss = make_loss(module, case.get("loss", "l2"))
     opt = optax.adamw(1e-3)
     opt_state = opt.init(params)
     out: dict[str, Any] = {"model": name, "desc": case["desc"],
                            "n_params": sum(int(p.size) for p in jax.tree.leaves(params))}
+    hook.reset()
+    jax.eval_shape(loss, params, x)  # records the weight matmuls, in call order
+    calls = list(hook.calls)
+    default_dense = {0, len(calls) - 1}
 
-    # 5. FLOPs
+    # FLOPs
     rep = fst_jax.report(loss, fst_config("compact"))(params, x)
+    rep_default = fst_jax.report(loss, fst_jax.FSTConfig())(params, x)
     out["flops"] = {"dense": rep.flops_dense, "fst": rep.flops_fst,
-                    "ratio": rep.flops_fst / rep.flops_dense,
+                    "ratio": rep.flops_fst / rep.flops_dense, "fst_default": rep_default.flops_fst,
+                    "ratio_default": rep_default.flops_fst / rep_default.flops_dense,
                     "matmuls": len(rep.rows), "weight_matmuls": sum(r.weight is not None for r in rep.rows),
                     "sparse_products": sum(r.sparse_gemms for r in rep.rows),
                     "products": 3 * len(rep.rows)}
     progress(f"{name}: compile")
 
-    # 4. compile time (fresh step function and sparsify wrapper per repetition)
-    compile_times: dict[str, dict[str, list[float]]] = {m: {"lower_s": [], "compile_s": []} for m in MODES}
+    # compile time (fresh step function and sparsify wrapper per repetition)
+    modes = (*MODES, "default")
+    compile_times: dict[str, dict[str, list[float]]] = {m: {"lower_s": [], "compile_s": []} for m in modes}
     compiled: dict[str, Any] = {}
-    for _ in range(compile_reps):
-        for mode in MODES:
+    lowered_text: dict[str, str] = {}
+    for rep_i in range(compile_reps):
+        for mode in modes:
             step = make_step(make_mode_loss(loss, mode), opt)
             t0 = time.perf_counter()
             lowered = jax.jit(step).lower(params, opt_state, x)
@@ -403,37 +554,87 @@ def bench_model(name: str, case: dict[str, Any], warmup: int, runs: int, compile
             t2 = time.perf_counter()
             compile_times[mode]["lower_s"].append(t1 - t0)
             compile_times[mode]["compile_s"].append(t2 - t1)
+            if rep_i == 0:
+                lowered_text[mode] = lowered.as_text(dialect="hlo")
     comp: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in modes:
         ct = compile_times[mode]
         totals = [lo + co for lo, co in zip(ct["lower_s"], ct["compile_s"])]
         comp[mode] = {"lower_s": min(ct["lower_s"]), "compile_s": min(ct["compile_s"]),
                       "total_s": min(totals), "all": ct}
-    for mode in ("masked", "compact"):
+    for mode in modes[1:]:
         comp[mode]["total_vs_dense"] = comp[mode]["total_s"] / comp["dense"]["total_s"]
     out["compile"] = comp
     progress(f"{name}: memory")
 
-    # 3. memory
+    # memory, and the floor (benchmarks/overhead.py)
     mem: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in modes:
         nbytes, count = residual_bytes(make_mode_loss(loss, mode), params, x)
         mem[mode] = {"residual_bytes": nbytes, "residual_arrays": count, **_temp_bytes(compiled[mode])}
-    for mode in ("masked", "compact"):
+    for label, dense_calls in (("floor", ()), ("floor_default", default_dense)):
+        floor_hook = overhead.DotHook("floor", dense_calls)
+        floor_loss = make_loss(case["module"](dot_general=floor_hook), case.get("loss", "l2"))
+        nbytes, count = residual_bytes(floor_loss, params, x)
+        mem[label] = {"residual_bytes": nbytes, "residual_arrays": count}
+    for mode in modes[1:]:
         mem[mode]["residual_vs_dense"] = mem[mode]["residual_bytes"] / mem["dense"]["residual_bytes"]
         mem[mode]["temp_vs_dense"] = _ratio(mem[mode]["temp_size_in_bytes"], mem["dense"]["temp_size_in_bytes"])
+        floor = mem["floor_default" if mode == "default" else "floor"]["residual_bytes"]
+        mem[mode]["residual_vs_floor"] = mem[mode]["residual_bytes"] / floor
+    for label in ("floor", "floor_default"):
+        mem[label]["residual_vs_dense"] = mem[label]["residual_bytes"] / mem["dense"]["residual_bytes"]
     out["memory"] = mem
+
+    # the GPU proxy: HLO byte counts (fused: compiled; unfused: unoptimized) and the analytic count
+    hlo = {mode: {"fused": overhead.hlo_bytes(compiled[mode].as_text()),
+                  "unfused": overhead.hlo_bytes(lowered_text[mode])} for mode in ("dense", "compact", "default")}
+    dense_flops = hlo["dense"]["fused"].gemm_flops
+    proxy: dict[str, Any] = {"gemm_flops_dense_hlo": dense_flops,
+                             "cost_analysis": {m: _cost(compiled[m]) for m in ("dense", "compact", "default")}}
+    for mode, sparse in (("compact", range(len(calls))),
+                         ("default", [i for i in range(len(calls)) if i not in default_dense])):
+        cfg = VARIANT_CONFIGS[mode]()
+        analytic = overhead.analytic_extra_bytes(calls, list(sparse), cfg.pattern, cfg.sr_ste > 0)
+        row: dict[str, Any] = {}
+        # The model's own non-GEMM bytes, as the compiler fuses them: the same base for both bounds.
+        base_other = hlo["dense"]["fused"].other_bytes
+        for bound in ("fused", "unfused"):
+            d, f = hlo["dense"][bound], hlo[mode][bound]
+            extra_hlo = f.other_bytes - d.other_bytes
+            extra_an = sum(analytic[bound].values())
+            row[bound] = {
+                "dense_other_bytes": d.other_bytes, "fst_other_bytes": f.other_bytes,
+                "dense_gemm_bytes": d.gemm_bytes, "fst_gemm_bytes": f.gemm_bytes, "base_other_bytes": base_other,
+                "extra_bytes_hlo": extra_hlo, "extra_bytes_analytic": extra_an,
+                "analytic_by_pass": analytic[bound],
+                "fraction_hlo": overhead.step_fraction(extra_hlo, dense_flops, base_other),
+                "fraction_analytic": overhead.step_fraction(extra_an, dense_flops, base_other),
+                "hlo_extra_by_op": {op: f.by_op.get(op, 0) - d.by_op.get(op, 0)
+                                    for op in sorted(set(f.by_op) | set(d.by_op))
+                                    if f.by_op.get(op, 0) != d.by_op.get(op, 0)},
+            }
+        proxy[mode] = row
+    out["proxy"] = proxy
     progress(f"{name}: train step")
 
-    # 2. training step, interleaved; plus compact with pattern="even" for comparison
-    even = fst_jax.sparsify(loss, fst_config("compact").replace(pattern="even"))
-    compiled["compact_even"] = jax.jit(make_step(even, opt)).lower(params, opt_state, x).compile()
-    variants = (*MODES, "compact_even")
+    # training step, interleaved: dense, masked, compact, compact with pattern="even", default config
+    compiled["compact_even"] = jax.jit(make_step(make_mode_loss(loss, "compact_even"), opt)).lower(
+        params, opt_state, x).compile()
+    variants = (*MODES, "compact_even", "default")
     times = time_interleaved({m: functools.partial(compiled[m], params, opt_state, x) for m in variants},
                              warmup, runs)
     ts: dict[str, Any] = {m: _summary(times[m]) for m in variants}
+    try:
+        for m in variants if faults else ():
+            ts[m]["minor_faults_per_call"] = minor_faults_per_call(
+                functools.partial(compiled[m], params, opt_state, x))
+    except ImportError:  # not POSIX
+        pass
     for mode in variants[1:]:
         ts[f"speedup_{mode}"] = ts["dense"]["median_s"] / ts[mode]["median_s"]
+        ts[f"paired_speedup_{mode}"] = statistics.median(
+            d / v for d, v in zip(times["dense"], times[mode]))
     out["train_step"] = ts
     return out
 
@@ -450,12 +651,14 @@ def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> st
         rows.append([r["T"], r["K"], r["O"], r["dtype"], r["pattern"], _ms(r["dense"]["median_s"]),
                      _ms(r["masked"]["median_s"]), _ms(r["compact"]["median_s"]),
                      _ms(r["compact_gather"]["median_s"]), f"{r['speedup_masked']:.2f}",
-                     f"{r['speedup_compact']:.2f}", f"{r['speedup_compact_gather']:.2f}",
+                     f"{r['speedup_compact']:.2f}", f"{r['paired_speedup_compact']:.2f}",
+                     f"{r['speedup_compact_gather']:.2f}",
                      _target_str("gemm") if is_target else "-",
                      _met(r["speedup_compact"], "gemm") if is_target else "-"])
     out = md_table(["T", "K", "O", "dtype", "pattern", "dense ms", "masked ms", "compact ms",
-                    "compact incl. gather ms", "dense/masked", "dense/compact",
-                    "dense/(compact incl. gather)", "target", "met"], rows)
+                    "compact incl. gather ms", "dense/masked", "dense/compact", "paired",
+                    "dense/(compact incl. gather)",
+                    "target", "met"], rows)
     prow = []
     for r in profile:
         d = r["dense"]["median_s"]
@@ -472,33 +675,39 @@ def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> st
 
 
 def model_tables(models: list[dict[str, Any]]) -> dict[str, str]:
-    """Markdown tables of the train-step, memory, compile and FLOPs sections."""
+    """Markdown tables of the train-step, memory, compile, FLOPs and GPU-proxy sections."""
     rows = []
     for m in models:
         t = m["train_step"]
         rows.append([m["model"], _ms(t["dense"]["median_s"]), _ms(t["masked"]["median_s"]),
                      _ms(t["compact"]["median_s"]), f"{t['speedup_masked']:.2f}", _target_str("train_masked"),
                      _met(t["speedup_masked"], "train_masked"), f"{t['speedup_compact']:.2f}",
+                     f"{t['paired_speedup_compact']:.2f}",
                      _target_str("train_compact"), _met(t["speedup_compact"], "train_compact"),
-                     _ms(t["compact_even"]["median_s"]), f"{t['speedup_compact_even']:.2f}"])
+                     _ms(t["compact_even"]["median_s"]), f"{t['speedup_compact_even']:.2f}",
+                     _ms(t["default"]["median_s"]), f"{t['speedup_default']:.2f}",
+                     " / ".join(f"{t[k].get('minor_faults_per_call', float('nan')):.0f}" for k in ("dense", "compact"))])
     train = md_table(["model", "dense ms", "masked ms", "compact ms", "dense/masked", "target", "met",
-                      "dense/compact", "target", "met", "compact (even) ms", "dense/compact (even)"], rows)
+                      "dense/compact", "paired", "target", "met", "compact (even) ms", "dense/compact (even)",
+                      "default config ms", "dense/default", "page faults / step, dense / compact"], rows)
     rows = []
     for m in models:
-        for mode in MODES:
-            r = m["memory"][mode]
+        mem = m["memory"]
+        for mode in (*MODES, "default", "floor", "floor_default"):
+            r = mem[mode]
             rv = r.get("residual_vs_dense")
             rows.append([m["model"], mode, _mib(r["residual_bytes"]), r["residual_arrays"],
                          "1.00" if mode == "dense" else _fmt_ratio(rv),
-                         _mib(r["temp_size_in_bytes"]),
+                         _fmt_ratio(r.get("residual_vs_floor")) if mode in ("masked", "compact", "default") else "-",
+                         _mib(r.get("temp_size_in_bytes")) if "floor" not in mode else "-",
                          "1.00" if mode == "dense" else _fmt_ratio(r.get("temp_vs_dense")),
                          _target_str("residual") if mode == "compact" else "-",
                          _met(rv, "residual") if mode == "compact" else "-"])
-    memory = md_table(["model", "mode", "residual MiB", "residual arrays", "residual / dense",
+    memory = md_table(["model", "mode", "residual MiB", "residual arrays", "residual / dense", "residual / floor",
                        "compiled temp MiB", "temp / dense", "target", "met"], rows)
     rows = []
     for m in models:
-        for mode in MODES:
+        for mode in (*MODES, "default"):
             c = m["compile"][mode]
             rv = c.get("total_vs_dense")
             rows.append([m["model"], mode, f"{c['lower_s']:.2f}", f"{c['compile_s']:.2f}", f"{c['total_s']:.2f}",
@@ -511,11 +720,24 @@ def model_tables(models: list[dict[str, Any]]) -> dict[str, str]:
     for m in models:
         f = m["flops"]
         rows.append([m["model"], f"{f['dense'] / 1e9:.2f}", f"{f['fst'] / 1e9:.2f}", f"{f['ratio']:.3f}",
-                     f"{f['sparse_products']} / {f['products']}",
-                     f"{f['weight_matmuls']} of {f['matmuls']}"])
-    flops = md_table(["model", "dense GFLOP", "FST GFLOP", "FST / dense", "2:4-sparse products",
-                      "weight matmuls"], rows)
-    return {"train_step": train, "memory": memory, "compile": compile_, "flops": flops}
+                     f"{f['ratio_default']:.3f}", f"{f['sparse_products']} / {f['products']}",
+                     f"{f['weight_matmuls']} of {f['matmuls']}", f"{m['n_params'] / 1e6:.2f}"])
+    flops = md_table(["model", "dense GFLOP", "FST GFLOP", "FST / dense", "default config / dense",
+                      "2:4-sparse products", "weight matmuls", "params (M)"], rows)
+    rows = []
+    for m in models:
+        p = m["proxy"]
+        for mode in ("compact", "default"):
+            for bound in ("fused", "unfused"):
+                r = p[mode][bound]
+                rows.append([m["model"], mode, bound, f"{p['gemm_flops_dense_hlo'] / 1e9:.1f}",
+                             _mib(r.get("base_other_bytes", r["dense_other_bytes"])), _mib(r["extra_bytes_hlo"]),
+                             _mib(r["extra_bytes_analytic"]), f"{100 * r['fraction_hlo']:.1f} %",
+                             f"{100 * r['fraction_analytic']:.1f} %"])
+    proxy = md_table(["model", "config", "bound", "dense GEMM GFLOP (HLO)", "dense other MiB (compiled)",
+                      "FST extra MiB (HLO)", "FST extra MiB (analytic)", "H200 step share (HLO)",
+                      "H200 step share (analytic)"], rows)
+    return {"train_step": train, "memory": memory, "compile": compile_, "flops": flops, "proxy": proxy}
 
 
 def target_summary(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
@@ -532,7 +754,13 @@ def target_summary(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                           value=m["train_step"]["speedup_masked"]))
         items.append(dict(key="residual", what=f"{TARGETS['residual'][0]}, {m['model']}",
                           value=m["memory"]["compact"]["residual_vs_dense"]))
-        for mode in ("masked", "compact"):
+        items.append(dict(key="residual_floor", what=f"{TARGETS['residual_floor'][0]}, {m['model']}",
+                          value=m["memory"]["compact"]["residual_vs_floor"]))
+        items.append(dict(key="train_compact", what=f"{TARGETS['train_compact'][0]}, {m['model']}, default config",
+                          value=m["train_step"]["speedup_default"]))
+        items.append(dict(key="residual", what=f"{TARGETS['residual'][0]}, {m['model']}, default config",
+                          value=m["memory"]["default"]["residual_vs_dense"]))
+        for mode in ("masked", "compact", "default"):
             items.append(dict(key="compile", what=f"{TARGETS['compile'][0]}, {m['model']}, {mode}",
                               value=m["compile"][mode]["total_vs_dense"]))
     for it in items:
@@ -567,6 +795,8 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device": f"{len(devices)} x {devices[0].device_kind}",
         "loadavg_start": _loadavg(),
+        "malloc": ("glibc, " + " ".join(f"{k}={os.environ[k]}" for k in MALLOC_CACHE_ENV if k in os.environ))
+        if any(k in os.environ for k in MALLOC_CACHE_ENV) else "default",
         "command": "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in argv),
     }
 
@@ -593,7 +823,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             values.append(r[f"speedup_{key}"])
             colors.append(color)
     for m in results["models"]:
-        for mode, color in (("compact", "tab:green"), ("compact_even", "tab:olive"), ("masked", "tab:blue")):
+        for mode, color in (("compact", "tab:green"), ("compact_even", "tab:olive"), ("default", "tab:purple"),
+                            ("masked", "tab:blue")):
             labels.append(f"train step {m['model']} {mode.replace('_', ' (') + ')' if '_' in mode else mode}")
             values.append(m["train_step"][f"speedup_{mode}"])
             colors.append(color)
@@ -621,6 +852,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: benchmarks/out)")
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument("--runs", type=int, default=None, help="timed runs (default: 3 with --quick, else 15)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="only these models (mlp, transformer_block, gpt, gpt_bf16; none: the GEMM sections only; default: all)")
+    p.add_argument("--skip-gemm", action="store_true", help="skip the grad-weight GEMM sections")
+    p.add_argument("--gemm-target-only", action="store_true",
+                   help="only the target GEMM case (f32, T=8192, K=O=1024) and its profile")
+    p.add_argument("--malloc-cache", action="store_true",
+                   help="re-run under glibc settings that reuse freed memory instead of page-faulting fresh "
+                        "mmaps (MALLOC_MMAP_MAX_=0 ...), like a GPU's caching allocator")
+    p.add_argument("--multiprocess", action="store_true",
+                   help="also time data-parallel training over 2 processes (benchmarks/multiprocess.py)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each variant first (default 2)")
+    p.add_argument("--compile-reps", type=int, default=None, help="compile repetitions (default: 1 with --quick, else 3)")
+    p.add_argument("--no-faults", action="store_true", help="do not count page faults per step (saves 4 steps per variant)")
     p.add_argument("--gemm-runs", type=int, default=None,
                    help="timed runs of the GEMM cases (default: 3 with --quick, else 10)")
     return p
@@ -644,17 +888,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.malloc_cache and any(os.environ.get(k) != v for k, v in MALLOC_CACHE_ENV.items()):
+        # glibc reads these at process start: run again with them set
+        env = {**os.environ, **MALLOC_CACHE_ENV}
+        return subprocess.call([sys.executable, "-m", "benchmarks.run", *argv], env=env, cwd=ROOT.parent)
     runs = args.runs or (3 if args.quick else 15)
     gemm_runs = args.gemm_runs or (3 if args.quick else 10)
-    warmup = 2
-    compile_reps = 1 if args.quick else 3
+    warmup = args.warmup
+    compile_reps = args.compile_reps or (1 if args.quick else 3)
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = machine_info(argv)
     meta.update(runs=runs, gemm_runs=gemm_runs, warmup=warmup, compile_reps=compile_reps, quick=args.quick)
 
-    cases = gemm_cases(args.quick)
-    models = model_cases(args.quick)
+    cases = [] if args.skip_gemm else gemm_cases(args.quick)
+    if args.gemm_target_only and not args.quick:
+        cases = [c for c in cases if c[:3] == TARGET_GEMM_SHAPE and c[3] == jnp.float32]
+    models = model_cases(args.quick, args.models)
     profile_shape = (512, 64, 64) if args.quick else TARGET_GEMM_SHAPE
     steps_per_model = 4
     bar = tqdm(total=len(cases) + 1 + steps_per_model * len(models), desc="benchmarks", unit="case",
@@ -671,13 +921,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         gemm.append(bench_gemm(t, k, o, dt, pat, warmup, gemm_runs))
         bar.update(1)
     bar.set_postfix_str("GEMM profile")
-    profile = profile_gemm(*profile_shape, warmup, gemm_runs,
-                           patterns=("checkerboard",) if args.quick else ("checkerboard", "even"))
+    profile = [] if args.skip_gemm else profile_gemm(
+        *profile_shape, warmup, gemm_runs, patterns=("checkerboard",) if args.quick else ("checkerboard", "even"))
     bar.update(1)
     model_results = []
     for name, case in models.items():
         bar.set_postfix_str(f"{name}: FLOPs")
-        model_results.append(bench_model(name, case, warmup, runs, compile_reps, progress))
+        model_results.append(bench_model(name, case, warmup, runs, compile_reps, progress, not args.no_faults))
         progress(f"{name}: done")
     bar.close()
     meta["loadavg_end"] = _loadavg()
@@ -692,25 +942,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         "memory": {m["model"]: m["memory"] for m in model_results},
         "compile": {m["model"]: m["compile"] for m in model_results},
         "flops": {m["model"]: m["flops"] for m in model_results},
+        "floor": {m["model"]: {k: m["memory"][k] for k in ("floor", "floor_default")} for m in model_results},
+        "proxy": {m["model"]: m["proxy"] for m in model_results},
     }
+    mp_text = ""
+    if args.multiprocess:
+        from benchmarks import multiprocess  # noqa: PLC0415
+
+        bar.write("multiprocess: 2 processes vs 1")
+        results["multiprocess"] = multiprocess.bench(quick=args.quick)
+        mp_text = multiprocess.table(results["multiprocess"])
     summary, items = target_summary(results)
     results["targets"] = items
     tables = model_tables(model_results)
     model_desc = "; ".join(f"{m['model']}: {m['desc']}" for m in model_results)
     text = "\n\n".join([
-        f"### grad-weight GEMM dW = Aᵀ·dY (median of {gemm_runs} runs; restore_scale=0.03)",
-        gemm_tables(gemm, profile),
-        f"### Training step (f32, adamw; median of {runs} interleaved runs after {warmup} warm-up)",
+        *([f"### grad-weight GEMM dW = Aᵀ·dY (median of {gemm_runs} runs; restore_scale=0.03)",
+           gemm_tables(gemm, profile)] if gemm else []),
+        f"### Training step (adamw; median of {runs} interleaved runs after {warmup} warm-up)",
         f"Models: {model_desc}. FST: `FSTConfig(mode=..., skip_first=False, skip_last=False)`: every "
         "weight matmul is sparse, the first and last included; pattern checkerboard except in the "
-        "last two columns (`pattern=\"even\"`).",
+        "`even` columns (`pattern=\"even\"`); *default config*: `FSTConfig()` (compact, checkerboard, "
+        "first and last weight matmul dense). *paired*: median over the runs of dense time / compact "
+        "time of the same repetition.",
         tables["train_step"],
         "### Memory (residuals of jit(jax.vjp) on the real shapes; compiled temp of the training step)",
+        "*floor*: the residuals of the same model when every sparse weight matmul keeps only the kept "
+        "half of its activation, once per distinct activation, and nothing else (benchmarks/overhead.py); "
+        "*floor_default*: the same with the first and last weight matmul dense (the default config). "
+        "*residual / floor*: compact against *floor*, default config against *floor_default*.",
         tables["memory"],
         f"### Trace+lower and compile time of the training step (best of {compile_reps}, fresh functions)",
         tables["compile"],
         "### Matmul FLOPs per training step (fst_jax.report)",
         tables["flops"],
+        "### GPU proxy: FST's own bytes per step as a share of an H200 step",
+        "H200: 4.3 TB/s device copy (read + write), 790 TFLOP/s bf16 dense. Share = FST extra bytes / "
+        "4.3 TB/s ÷ (dense GEMM FLOPs / 790 TFLOP/s + dense other bytes / 4.3 TB/s), the dense other bytes "
+        "those of the compiled step for both bounds. *HLO*: non-GEMM "
+        "bytes of the step, FST minus dense (fused: the compiled CPU module, each instruction one pass; "
+        "unfused: the unoptimized module, every op one pass). *analytic*: the recipe's passes per sparse "
+        "matmul (benchmarks/overhead.py, `analytic_extra_bytes`). Bytes at each model's own dtypes.",
+        tables["proxy"],
+        *(["### Data-parallel training over 2 processes (benchmarks/multiprocess.py)", mp_text] if mp_text else []),
         "### Targets",
         summary,
     ])
@@ -732,6 +1006,7 @@ def machine_lines(meta: dict[str, Any]) -> list[str]:
             f"CPU: {meta['cpu'] or 'unknown'}; {meta['cores']} cores",
             f"jax {meta['jax']}, jaxlib {meta['jaxlib']}; backend `{meta['backend']}` ({meta['device']})",
             f"load average (1, 5, 15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}",
+            f"allocator: {meta.get('malloc', 'default')}",
             f"wall time {meta['wall_s']:.0f} s"]
 
 

@@ -29,8 +29,9 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
         for name in ("masked", "compact", "compact_gather"):
             assert _positive(case[f"speedup_{name}"])
 
-    assert set(results["train_step"]) == {"mlp", "transformer_block"}
-    for model in ("mlp", "transformer_block"):
+    models = ("mlp", "transformer_block", "gpt")  # the smoke run's GPT is tiny, f32 only
+    assert set(results["train_step"]) == set(models)
+    for model in models:
         step = results["train_step"][model]
         for mode in ("dense", "masked", "compact"):
             assert len(step[mode]["times_s"]) == 3
@@ -40,8 +41,19 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
             assert mem["temp_size_in_bytes"] is None or mem["temp_size_in_bytes"] >= 0
             comp = results["compile"][model][mode]
             assert _positive(comp["lower_s"]) and _positive(comp["compile_s"])
-        for name in ("masked", "compact", "compact_even"):
+        for name in ("masked", "compact", "compact_even", "default"):
             assert _positive(step[f"speedup_{name}"])
+        # the memory floor: compact keeps at least the floor; the floor keeps less than dense
+        mem = results["memory"][model]
+        assert mem["floor"]["residual_bytes"] < mem["dense"]["residual_bytes"]
+        assert mem["compact"]["residual_vs_floor"] >= 0.99
+        # the GPU proxy: both derivations, both bounds, for the benchmark and the default config
+        for config in ("compact", "default"):
+            for bound in ("fused", "unfused"):
+                proxy = results["proxy"][model][config][bound]
+                assert proxy["extra_bytes_analytic"] > 0 and proxy["dense_other_bytes"] > 0
+                assert proxy["fraction_analytic"] > 0
+        assert results["proxy"][model]["gemm_flops_dense_hlo"] > 0
         flops = results["flops"][model]
         assert _positive(flops["dense"]) and _positive(flops["fst"])
         assert flops["fst"] < flops["dense"]  # every weight matmul is sparse in the benchmark config
