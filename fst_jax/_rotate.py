@@ -271,6 +271,39 @@ def rotating_from_compact(
     return jnp.transpose(x.reshape(canon), np.argsort(layout.act_perm))
 
 
+def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str],
+                    choice: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """``dY'`` at the kept token of each pair, for each row parity: ``[2, batch, ceil(N/2), O]``.
+
+    With an even token count per sequence the pairs lie within sequences, and each kept token's
+    ``dY'`` is formed from the pair's own two tokens (``dY'[2j+1] = dY[2j+1] + s·dY[2j]``) or from
+    the previous pair's odd token (``dY'[2j] = dY[2j] + s·dY[2j−1]``, wrapping within the
+    sequence): one pass over ``dY``, no full ``dY'``. Otherwise (odd ``T``: pairs straddle
+    sequences) the full ``dY'`` is formed first. Same arithmetic as
+    :func:`fst_jax._masks.gradient_shift` either way, so the values agree bit for bit.
+    """
+    odd = jnp.stack(_phases(layout, patterns, choice))  # [κ, 1, J, 1]
+    shape = (layout.batch, layout.num_tokens, layout.num_o)
+    t = layout.act_shape[layout.token_axis]
+    no_shift = isinstance(scale, (int, float, np.number)) and scale == 0
+    if t % 2:
+        g = _masks.gradient_shift(dy, layout.t_out_axis, scale)
+        g = _pairs(jnp.transpose(g, layout.out_perm).reshape(shape), layout.num_tokens)
+        return jnp.where(odd, g[None, :, :, 1], g[None, :, :, 0])
+    g = jnp.transpose(dy, layout.out_perm).reshape(
+        layout.batch, layout.num_tokens // t, t // 2, 2, layout.num_o)  # [B, sequences, T/2, 2, O]
+    even_tok, odd_tok = g[:, :, :, 0], g[:, :, :, 1]
+    if not no_shift:
+        wide = jnp.promote_types(dy.dtype, jnp.float32)
+        prev = jnp.roll(odd_tok, 1, axis=2)  # dY[t − 1] of each even t, within its sequence
+        even_tok, odd_tok = (
+            (even_tok.astype(wide) + scale * prev.astype(wide)).astype(dy.dtype),
+            (odd_tok.astype(wide) + scale * even_tok.astype(wide)).astype(dy.dtype),
+        )
+    half = (layout.batch, layout.num_pairs, layout.num_o)
+    return jnp.where(odd, odd_tok.reshape(half)[None], even_tok.reshape(half)[None])
+
+
 def rotating_compact_grad_weight(
     parts: jax.Array,
     choice: int | jax.Array,
@@ -324,11 +357,7 @@ def rotating_compact_grad_weight(
     """
     choice = _check_choice("rotating_compact_grad_weight", choice)
     patterns = _masks._check_patterns("rotating_compact_grad_weight", patterns)
-    g = _masks.gradient_shift(dy, layout.t_out_axis, scale)
-    g = jnp.transpose(g, layout.out_perm).reshape(layout.batch, layout.num_tokens, layout.num_o)
-    g = _pairs(g, layout.num_tokens)  # [B, J, 2, O]
-    dys = jnp.stack([jnp.where(odd, g[:, :, 1], g[:, :, 0])
-                     for odd in _phases(layout, patterns, choice)])  # [κ, B, J, O]
+    dys = _kept_gradients(dy, layout, patterns, choice, scale)  # [κ, B, J, O]
     dw = lax.dot_general(parts, dys, (((2,), (2,)), ((0, 1), (0, 1))), precision=precision,
                          preferred_element_type=preferred_element_type)  # [κ, B, K/2, O]
     dw = jnp.transpose(dw, (1, 2, 0, 3)).reshape(layout.batch, layout.num_k, layout.num_o)
