@@ -501,7 +501,8 @@ def rotating_token_mask(
     consecutive ``p`` for every ``k`` (and one of every pair ``(2j, 2j+1)``), for any token count.
 
     ``choice`` may be a traced int32 scalar (from :func:`draw_pattern`): one compiled function
-    serves every draw. A traced ``choice`` out of range is clamped to ``[0, len(patterns) - 1]``.
+    serves every draw. A Python or NumPy ``choice`` out of range is an error; a JAX array (traced or
+    not) out of range is clamped to ``[0, len(patterns) - 1]``.
 
     Args:
       shape: the activation's shape.
@@ -517,7 +518,8 @@ def rotating_token_mask(
 
     Raises:
       ValueError: for an unknown or empty pattern set, an axis out of range or repeated,
-        ``token_axis`` among the contracting or batch axes, or a Python ``choice`` out of range.
+        ``token_axis`` among the contracting or batch axes, or a Python or NumPy ``choice`` out
+        of range.
 
     Example:
       >>> import jax.numpy as jnp
@@ -543,7 +545,7 @@ def rotating_token_mask(
     shape = tuple(operator.index(d) for d in shape)
     _, k_axes, _, free = _free_axes("rotating_token_mask", len(shape), token_axis,
                                     contracting_axes, batch_axes)
-    if not isinstance(choice, jax.core.Tracer) and np.ndim(choice) == 0:
+    if isinstance(choice, (int, np.integer)) or (isinstance(choice, np.ndarray) and choice.ndim == 0):
         if not 0 <= int(choice) < len(patterns):
             raise ValueError(
                 f"rotating_token_mask: choice={int(choice)} is out of range for {len(patterns)} "

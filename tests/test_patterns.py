@@ -387,3 +387,41 @@ def test_other_pattern_sets(patterns):
         keep = ref_mask(a_shape, 1, (2,), (), pat)
         np.testing.assert_allclose(np.asarray(dw), ref_grad_weight(a, w_shape, dy, dn, side, keep, 1.0),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_wiring_into_a_custom_vjp_with_a_traced_step():
+    """The wiring the sparse matmul needs: the choice enters the custom_vjp as an int32 primal
+    (cotangent None), the forward saves the compact half, the backward forms dW from it."""
+    a_shape, w_shape, dn, side = LAYOUTS["3d"]
+    lay = compact_layout(a_shape, w_shape, dn, side)
+
+    @jax.custom_vjp
+    def matmul(a, w, choice):
+        return jax.lax.dot_general(a, w, dn)
+
+    def fwd(a, w, choice):
+        return matmul(a, w, choice), (rotating_compact_parts(a, choice, lay), w, choice)
+
+    def bwd(res, dy):
+        parts, w, choice = res
+        d_w = rotating_compact_grad_weight(parts, choice, dy, lay, weight_dtype=w.dtype, scale=0.03)
+        d_a = jnp.einsum("bto,ko->btk", dy, w)
+        return d_a, d_w, None
+
+    matmul.defvjp(fwd, bwd)
+
+    def loss(w, a, step):
+        choice = draw_pattern(step, 0, len(AUTHORS_PATTERNS))
+        return (matmul(a, w, choice) ** 2).sum()
+
+    a, _ = operands(LAYOUTS["3d"])
+    w = jax.random.normal(jax.random.key(5), w_shape)
+    grad = jax.jit(jax.grad(loss))
+    for step in range(6):
+        got = grad(w, a, jnp.int32(step))
+        c = int(draw_pattern(step, 0, 4))
+        keep = ref_mask(a_shape, 1, (2,), (), AUTHORS_PATTERNS[c])
+        dy = 2 * np.einsum("btk,ko->bto", np.asarray(a, np.float64), np.asarray(w, np.float64))
+        want = ref_grad_weight(a, w_shape, dy, dn, side, keep, 0.03)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-3)
+    assert grad._cache_size() == 1
