@@ -18,6 +18,7 @@ from fst_jax._config import FSTConfig as FSTConfig
 from fst_jax._config import Rule as Rule
 from fst_jax._export import Masks as Masks
 from fst_jax._export import forward_masks as forward_masks
+from fst_jax._export import pruned_params as pruned_params
 from fst_jax._export import prune_params as prune_params
 from fst_jax._masks import apply_mask as apply_mask
 from fst_jax._masks import gradient_shift as gradient_shift
@@ -43,6 +44,7 @@ __all__ = [
     "mask_2to4",
     "optax",
     "prune_params",
+    "pruned_params",
     "report",
     "sparsify",
     "token_mask",

@@ -39,6 +39,55 @@ Tracer = jax.core.Tracer
 
 JAXPR_TYPES = (jex.Jaxpr, jex.ClosedJaxpr)
 
+
+def _find_prim(name: str) -> Any:
+    """The primitive object ``name`` (``'split'``, ``'shard_map'``, ...), or None in this version."""
+    prim = getattr(prims, f"{name}_p", None)
+    if prim is not None:
+        return prim
+    import importlib  # noqa: PLC0415
+
+    for mod in ("jax._src.lax.lax", "jax._src.shard_map", "jax._src.dispatch", "jax._src.pjit"):
+        try:
+            prim = getattr(importlib.import_module(mod), f"{name}_p", None)
+        except ImportError:  # pragma: no cover - optional modules
+            continue
+        if prim is not None:
+            return prim
+    return None
+
+
+#: Primitive objects by short name; ``None`` where this jax version has no such primitive.
+P = {name: _find_prim(name) for name in (
+    "dot_general", "conv_general_dilated", "jit", "closed_call", "remat", "scan", "while", "cond",
+    "custom_vjp_call", "custom_jvp_call", "custom_lin", "shard_map", "convert_element_type",
+    "transpose", "reshape", "squeeze", "broadcast_in_dim", "slice", "dynamic_slice", "copy", "rev", "split",
+    "concatenate", "sharding_constraint", "device_put", "reduce_precision")}
+
+
+def trace_context() -> Any:
+    """What ``jax.jit`` keys its caches on besides the avals: x64, the abstract mesh, ... (hashable)."""
+    from jax._src import config as _config  # noqa: PLC0415
+
+    return _config.trace_context()
+
+
+def eval_closed(closed: Any, *args: Any) -> list[Any]:
+    """Evaluates a closed jaxpr under the current trace (dead values freed as it goes)."""
+    return jex.jaxpr_as_fun(closed)(*args)
+
+
+def jaxpr_fun(closed: Any) -> Callable[..., list[Any]]:
+    """A closed jaxpr as a Python function of its inputs."""
+    return jex.jaxpr_as_fun(closed)
+
+
+def under_trace() -> bool:
+    """Whether code runs under a JAX transformation (jit, grad, vmap, ...) rather than eagerly."""
+    from jax._src import core  # noqa: PLC0415
+
+    return not isinstance(core.trace_ctx.trace, core.EvalTrace)
+
 try:  # jax >= 0.11
     from jax._src import flattree as _ft
 
@@ -65,6 +114,11 @@ def scan_counts(params: dict[str, Any]) -> tuple[int, int]:
         return params["num_consts"], params["num_carry"]
     consts, carry, _ = params["ft_in"].elts
     return len(consts), len(carry)
+
+
+def while_counts(params: dict[str, Any]) -> tuple[int, int]:
+    """(cond_nconsts, body_nconsts) of a while equation."""
+    return params["cond_nconsts"], params["body_nconsts"]
 
 
 def bind_eqn(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:

@@ -7,8 +7,10 @@ be used as static arguments of ``jax.jit`` and as cache keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 GradInput = Literal["prune_output_dim", "transposable", "dense"]
 GradWeight = Literal["fixed_mask", "prune_grad_output", "dense"]
@@ -25,6 +27,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The FSTConfig fields a :class:`Rule` can override per layer.
+LAYER_FIELDS = ("forward", "grad_input", "grad_weight", "pattern", "restore_scale", "token_axis")
+
+
 def _check_choice(owner: str, field: str, value: object, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(
@@ -35,25 +41,41 @@ def _check_choice(owner: str, field: str, value: object, allowed: tuple[str, ...
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
-    """Sends matching weight matmuls to sparse or dense, overriding ``skip_first``/``skip_last``.
+    """Sends matching weight matmuls to sparse or dense, or gives them their own recipe.
+
+    A rule overrides ``skip_first``/``skip_last`` for the matmuls it matches; the first matching
+    rule of :attr:`FSTConfig.rules` wins.
 
     Args:
-      pattern: a regular expression, matched with ``re.search``.
+      pattern: a regular expression, matched with ``re.search`` (or ``re.fullmatch`` with
+        ``full_match=True``).
       action: ``"sparse"`` or ``"dense"``.
       on: what the pattern is matched against: ``"param_path"`` (``jax.tree_util.keystr`` of the
         weight's parameter path, e.g. ``"['params']['Dense_0']['kernel']"``) or ``"name_stack"``
         (the equation's name stack, e.g. ``"MLP/Dense_0"`` under Flax).
+      full_match: match the whole string, so that ``Dense_1`` does not also match ``Dense_10``.
+      overrides: per-layer values of :data:`LAYER_FIELDS` (``forward``, ``grad_input``,
+        ``grad_weight``, ``pattern``, ``restore_scale``, ``token_axis``) for the matched matmuls,
+        validated like :class:`FSTConfig`; only with ``action="sparse"``. ``forward=False`` turns
+        SR-STE off for those layers (it acts on the forward mask).
+
+    Raises:
+      ValueError: an invalid regular expression, action, key or value.
 
     Example:
       >>> import fst_jax
       >>> rule = fst_jax.Rule(pattern=r"Dense_0", action="dense")
       >>> rule.on
       'param_path'
+      >>> fst_jax.Rule(pattern=r".*attn.*", full_match=True, overrides={"pattern": "even"}).overrides
+      (('pattern', 'even'),)
     """
 
     pattern: str
     action: Literal["sparse", "dense"] = "sparse"
     on: Literal["param_path", "name_stack"] = "param_path"
+    full_match: bool = False
+    overrides: Any = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str):
@@ -64,6 +86,24 @@ class Rule:
             raise ValueError(f"Rule.pattern={self.pattern!r} is not a valid regular expression: {e}") from e
         _check_choice("Rule", "action", self.action, ("sparse", "dense"))
         _check_choice("Rule", "on", self.on, ("param_path", "name_stack"))
+        if not isinstance(self.full_match, bool):
+            raise ValueError(f"Rule.full_match must be a bool, got {self.full_match!r}")
+        overrides = self.overrides if self.overrides is not None else ()
+        if isinstance(overrides, Mapping):
+            overrides = tuple(sorted(overrides.items()))
+        if not isinstance(overrides, tuple) or not all(isinstance(o, tuple) and len(o) == 2 for o in overrides):
+            raise ValueError(f"Rule.overrides must be a dict of FSTConfig fields, got {self.overrides!r}")
+        unknown = [k for k, _ in overrides if k not in LAYER_FIELDS]
+        if unknown:
+            raise ValueError(f"Rule.overrides: {unknown[0]!r} cannot be set per layer; allowed keys: "
+                             + ", ".join(repr(f) for f in LAYER_FIELDS))
+        if overrides and self.action == "dense":
+            raise ValueError("Rule.overrides apply to sparse layers; a rule with action='dense' cannot have them")
+        changes = dict(overrides)
+        if changes.get("forward") is False:
+            changes["sr_ste"] = 0.0
+        FSTConfig(**changes)  # validates the values
+        object.__setattr__(self, "overrides", overrides)
 
     def matches(self, param_path: str | None, name_stack: str) -> bool:
         """Whether this rule applies to a matmul with the given parameter path and name stack.
@@ -72,9 +112,14 @@ class Rule:
           >>> import fst_jax
           >>> fst_jax.Rule(pattern="head").matches("['head']['kernel']", "")
           True
+          >>> fst_jax.Rule(pattern="Dense_1", on="name_stack", full_match=True).matches(None, "Dense_10")
+          False
         """
         target = param_path if self.on == "param_path" else name_stack
-        return target is not None and re.search(self.pattern, target) is not None
+        if target is None:
+            return False
+        match = re.fullmatch if self.full_match else re.search
+        return match(self.pattern, target) is not None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,7 +145,9 @@ class FSTConfig:
         accuracy study ``"odd"`` was within noise of it at all three ablation settings and
         ``"even"`` worse on one (−2.4 vs −1.3 pt); ``"even"``/``"odd"`` are faster in compact
         mode (one half GEMM instead of two interleaved quarter GEMMs).
-      restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``. Default 0.03
+      restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``, any finite float
+        (negative values are allowed: the shift is a linear combination, and tests use them to
+        check the sign convention). Default 0.03
         (the authors' code): 0 and 0.03 were indistinguishable, and 1 was the worst value at all
         three ablation settings (benchmarks/RESULTS.md).
       sr_ste: SR-STE coefficient ``λ``: adds ``λ·(1 − mask_f)⊙W`` to the weight gradient.
@@ -112,7 +159,14 @@ class FSTConfig:
       min_features: leave weight matmuls with ``K < min_features`` or ``O_last < min_features``
         dense ("small layer"). Default 0 (off): in the study it only bound on the layers that
         ``skip_first``/``skip_last`` already leave dense, or on every layer of a narrow model.
-      rules: ordered :class:`Rule` s; the first match wins and overrides skip_first/skip_last.
+      rules: ordered :class:`Rule` s; the first match wins and overrides skip_first/skip_last
+        (and, with ``Rule.overrides``, any of the per-layer fields).
+      token_axis: the activation axis the grad-weight mask and the gradient shift run along,
+        counted on the activation as the matmul receives it (negative counts from the end; e.g.
+        ``0`` for a time-major ``[T, B, D]`` input). ``None`` (default): the activation's last
+        free dimension (the sequence of ``[B, T, D]``). Must be a free (not contracting, not
+        batch) dimension, else the grad-weight product is left dense with that reason.
+        Convolutions always use their output positions.
       mode: ``"compact"`` (default: the grad-weight product runs as dense GEMMs over the kept
         half of the tokens, and only that half of the activation is saved for the backward pass)
         or ``"masked"`` (dense GEMMs on masked operands, the reference). Both compute the same
@@ -147,6 +201,7 @@ class FSTConfig:
     rules: tuple[Rule, ...] = ()
     mode: Mode = "compact"
     backend: Backend = "xla"
+    token_axis: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("forward", "skip_first", "skip_last"):
@@ -156,13 +211,16 @@ class FSTConfig:
             _check_choice("FSTConfig", name, getattr(self, name), allowed)
         for name in ("restore_scale", "sr_ste"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"FSTConfig.{name} must be a finite float, got {value!r}")
             object.__setattr__(self, name, float(value))
         if self.sr_ste < 0:
             raise ValueError(f"FSTConfig.sr_ste must be >= 0, got {self.sr_ste!r}")
         if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 0:
             raise ValueError(f"FSTConfig.min_features must be an int >= 0, got {self.min_features!r}")
+        if self.token_axis is not None and (isinstance(self.token_axis, bool) or not isinstance(self.token_axis, int)):
+            raise ValueError(f"FSTConfig.token_axis must be an int (an axis of the activation) or None, "
+                             f"got {self.token_axis!r}")
         if isinstance(self.rules, list):
             object.__setattr__(self, "rules", tuple(self.rules))
         if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):

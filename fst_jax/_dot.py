@@ -30,10 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fst_jax import _masks
-
-#: Name-stack marker of the regions this library creates; ``sparsify`` never rewrites them again.
-MARKER = "fst_jax_sparse"
+from fst_jax import _compat, _masks
+from fst_jax._analysis import MARKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +59,14 @@ class GemmPlan:
     backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows (see _kernel_layout)
     conv: bool = False  # a conv_general_dilated (weight = kernel = rhs) rather than a dot_general
     t_out_axes: tuple[int, ...] = ()  # conv: the output's spatial axes, flattened row-major into t
+    act_free: tuple[int, ...] = ()  # the activation's free axes (t among them), for p = b·T + t
+    tokens: int = 0  # T: the token axis' length (conv: output positions per image)
 
     @property
     def compact(self) -> bool:
-        """Whether the grad-weight product runs over the kept tokens (output positions) only."""
-        return self.mode == "compact" and self.grad_weight == "fixed_mask"
+        """Whether the grad-weight product runs over the kept tokens (output positions) only: the
+        kept half is a strided slice when T is even; an odd T runs masked."""
+        return self.mode == "compact" and self.grad_weight == "fixed_mask" and self.tokens % 2 == 0
 
     @property
     def params(self) -> dict[str, Any]:
@@ -106,11 +107,37 @@ def _like_sharding(mask: jax.Array, like: jax.Array) -> jax.Array:
     return mask if jax.typeof(mask).sharding.spec == want else jax.sharding.reshard(mask, want)
 
 
+def _flat_token_index(shape: tuple[int, ...], t_axis: int, free: tuple[int, ...]) -> jax.Array:
+    """``p = b·T + t``: the token's position when the free axes are flattened with ``t`` innermost
+    (``b`` the row-major index over the other free axes), broadcast to ``shape``."""
+    b = jnp.zeros(shape, jnp.int32)
+    for ax in free:
+        if ax != t_axis:
+            b = b * shape[ax] + lax.broadcasted_iota(jnp.int32, shape, ax)
+    return b * shape[t_axis] + lax.broadcasted_iota(jnp.int32, shape, t_axis)
+
+
+def _token_keep(plan: GemmPlan, shape: tuple[int, ...]) -> jax.Array:
+    """The fixed 2:4 mask on the activation, indexed by ``p`` (equal to the per-sequence
+    :func:`fst_jax.token_mask` when ``T`` is even)."""
+    if plan.tokens % 2 == 0 or len(plan.act_free) <= 1:
+        return _masks.token_mask(shape, token_axis=plan.t_axis, contracting_axes=plan.act_contract,
+                                 pattern=plan.pattern)
+    p = _flat_token_index(shape, plan.t_axis, plan.act_free)
+    if plan.pattern == "even":
+        return p % 2 == 0
+    if plan.pattern == "odd":
+        return p % 2 == 1
+    k = jnp.zeros(shape, jnp.int32)
+    for ax in plan.act_contract:
+        k = k * shape[ax] + lax.broadcasted_iota(jnp.int32, shape, ax)
+    return (p + k) % 2 == 0
+
+
 def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(A', dY') such that dW = vjp_W(A'·W)(dY')."""
     if plan.grad_weight == "fixed_mask":
-        mask = _masks.token_mask(a.shape, token_axis=plan.t_axis, contracting_axes=plan.act_contract,
-                                 pattern=plan.pattern)
+        mask = _token_keep(plan, a.shape)
         a_kept = _masks.apply_mask(a, _like_sharding(mask, a))
         return a_kept, _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
     if plan.grad_weight == "prune_grad_output":
@@ -185,16 +212,22 @@ def _compact_grad_weight(plan: GemmPlan, parts: tuple[jax.Array, ...], weight: j
 
 def _kernel_layout(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array] | None:
     """(A as [M, K], W as [K, O]) when the Pallas kernels can run this product, else None."""
-    if plan.conv:
-        return None
-    (lc, _), (lb, rb) = plan.params["dimension_numbers"]
-    pet = plan.params.get("preferred_element_type")
-    if (plan.backend != "pallas" or lb or rb or len(lc) != 1 or weight.ndim != 2 or act.ndim < 2
-            or act.dtype != weight.dtype or act.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16)
-            or (pet is not None and pet != act.dtype)):
+    if plan.conv or plan.backend != "pallas":
         return None
     a2 = jnp.moveaxis(act, plan.act_contract[0], -1)
     return a2.reshape(-1, a2.shape[-1]), (weight if plan.k_axis == 0 else weight.T)
+
+
+def kernel_eligible(eqn: Any, side: int) -> bool:
+    """Whether the Pallas kernels can run the forward and grad-input products of this matmul: a
+    plain ``dot_general`` (one contracting dim, no batch dims, a 2-D weight) in one float dtype."""
+    if eqn.primitive is not _compat.P["dot_general"]:
+        return False
+    (lc, _), (lb, rb) = eqn.params["dimension_numbers"]
+    w, a = eqn.invars[side].aval, eqn.invars[1 - side].aval
+    pet = eqn.params.get("preferred_element_type")
+    return (not lb and not rb and len(lc) == 1 and w.ndim == 2 and a.ndim >= 2 and a.dtype == w.dtype
+            and a.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) and (pet is None or pet == a.dtype))
 
 
 def _interpret() -> bool:
@@ -274,7 +307,12 @@ def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax
     if plan.grad_weight == "prune_grad_output":
         return grad(unflat(_masks.apply_mask(flat, _masks.mask_2to4(flat, axis=-1))))
     shifted = _masks.gradient_shift(flat, -1, plan.restore_scale)
-    t = _like_sharding(lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1), flat)
+    t = lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1)
+    if plan.tokens % 2:  # p = n·T + t over the images n of the batch
+        out_spec = plan.params["dimension_numbers"].out_spec
+        n_axis = 0 if out_spec[0] < out_spec[1] else 1
+        t = t + plan.tokens * lax.broadcasted_iota(jnp.int32, flat.shape, n_axis)
+    t = _like_sharding(t, flat)
 
     def tokens(parity: int) -> jax.Array:  # dY' at the kept output positions t % 2 == parity
         return unflat(jnp.where(t % 2 == parity, shifted, jnp.zeros_like(shifted)))

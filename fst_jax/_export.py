@@ -35,192 +35,119 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fst_jax import _compat
+from fst_jax import _compat, _masks
+from fst_jax._analysis import VALUE_OPS, Broken, View
 from fst_jax._config import FSTConfig
-from fst_jax._dot import GemmPlan, _forward_weight
-from fst_jax._transform import Decision, _Signature, _subjaxprs, _trace
+from fst_jax._decisions import Decision
+from fst_jax._tracing import Signature, trace
 
-#: Ops that move or cast a weight's entries without combining them. ``convert_element_type``
-#: changes values but not positions; ``dynamic_slice`` counts only with constant indices.
-_STRUCTURAL = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "expand_dims",
-                         "broadcast_in_dim", "slice", "dynamic_slice", "copy", "copy_p", "rev"})
-_CASTS = frozenset({"convert_element_type"})
-#: Higher-order primitives whose body sees its operands unchanged (one input per operand).
-_TRANSPARENT = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat2"})
-#: A step of a view: "this axis 0 is a scan's xs, sliced per iteration" (the rest runs per slice).
-_SCAN = "scan"
+
+def forward_mask(decision: Decision, w: jax.Array) -> jax.Array:
+    """The forward 2:4 mask of a sparse-forward decision, on its weight operand ``w`` as the matmul
+    sees it (what the FST forward product applies)."""
+    plan = decision.plan
+    if plan.grad_input == "transposable":
+        return _masks.transposable_mask_2to4(w, axes=(plan.k_axis, plan.o_axis))
+    return _masks.mask_2to4(w, axis=plan.k_axis)
+
+
+def replay(view: View, arrays: Sequence[jax.Array], index: bool = False) -> jax.Array:
+    """Rebuilds the value ``view`` describes from the parameter ``arrays`` (all leaves, in order),
+    with its ``mapped`` scan axes leading. ``index``: the arrays are index arrays, so value-changing
+    ops (casts) are skipped."""
+    kind = view.node[0]
+    if kind == "leaf":
+        return arrays[view.node[1]]
+    if kind == "scan":
+        return replay(view.node[1], arrays, index)
+    _, eqn, out_index, inputs = view.node
+    xs = [replay(v, arrays, index) for v in inputs]
+    if index and eqn.primitive in VALUE_OPS:
+        return xs[0]
+
+    def apply(*ys: jax.Array) -> jax.Array:
+        it = iter(ys)
+        invals = [v.val if isinstance(v, _compat.Literal) else next(it) for v in eqn.invars]
+        return _compat.bind_eqn(eqn, invals)[out_index]
+
+    for _ in range(view.mapped):
+        apply = jax.vmap(apply)
+    return apply(*xs)
+
+
+def _mapped(fn: Callable[[jax.Array], jax.Array], n: int) -> Callable[[jax.Array], jax.Array]:
+    for _ in range(n):
+        fn = jax.vmap(fn)
+    return fn
 
 
 @dataclasses.dataclass(frozen=True)
-class _View:
-    """A value that is parameter leaf ``leaf`` after the structural ``steps`` (eqns or _SCAN)."""
+class Use:
+    """A sparse forward product reading parameter entries through a view."""
 
-    leaf: int
-    steps: tuple[Any, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Broken:
-    """A value computed from parameter ``leaves`` through a non-structural op (``why``)."""
-
-    leaves: frozenset[int]
-    why: str
+    decision: Decision
+    view: View
+    index: np.ndarray  # global parameter index of every entry of the rebuilt operand (static)
 
 
-def _leaves(state: Any) -> frozenset[int]:
-    if isinstance(state, _View):
-        return frozenset({state.leaf})
-    return state.leaves if isinstance(state, _Broken) else frozenset()
+def sparse_uses(decisions: Sequence[Decision], shapes: Sequence[tuple[int, ...]]) -> tuple[list[Use], dict[int, str]]:
+    """(the sparse forward products whose weight is a view, leaf -> why a sparse forward product
+    reads it through an op that combines entries)."""
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"fst_jax: the parameters have {offsets[-1]} entries, more than 2**31")
+    uses, bad = [], {}
+    views = [d for d in decisions if d.plan is not None and d.plan.forward]
+    if not views:
+        return uses, bad
+    with jax.ensure_compile_time_eval():
+        iotas = [jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.int32).reshape(s) for i, s in enumerate(shapes)]
+        for d in views:
+            w = (d.site.lhs, d.site.rhs)[d.weight_side].view
+            if isinstance(w, View):
+                uses.append(Use(d, w, np.asarray(replay(w, iotas, index=True))))
+            elif isinstance(w, Broken):
+                for leaf in w.leaves:
+                    bad.setdefault(leaf, f"reaches sparse matmul #{d.index} through {w.why}")
+    return uses, bad
 
 
-def _first_why(states: Sequence[Any]) -> str:
-    return next(s.why for s in states if isinstance(s, _Broken))
+def leaf_masks(uses: Sequence[Use], params: Sequence[jax.Array | None], leaves: Sequence[int],
+               shapes: Sequence[tuple[int, ...]]) -> dict[int, tuple[jax.Array, jax.Array, np.ndarray]]:
+    """leaf -> (AND, OR of the forward masks over the places each entry reaches, reached (static)).
 
-
-@dataclasses.dataclass
-class _Use:
-    steps: tuple[Any, ...]
-    plan: GemmPlan
-    row: int  # index of the decision (the row of fst_jax.report)
-
-
-class _Walker:
-    """Follows parameter leaves through a jaxpr; collects the sparse forward uses of each."""
-
-    def __init__(self, decisions: Sequence[Decision]):
-        self.rows = {d.site.path: (i, d) for i, d in enumerate(decisions)}
-        self.uses: dict[int, list[_Use]] = {}
-        self.bad: dict[int, str] = {}  # leaf -> why it cannot be exported
-        self.other: dict[int, str] = {}  # leaf -> first use outside the sparse forward products
-        self.seen: set[tuple[Any, ...]] = set()
-
-    def _other_use(self, states: Sequence[Any], what: str, record: bool) -> None:
-        for s in states:
-            if record and isinstance(s, _View):
-                self.other.setdefault(s.leaf, what)
-
-    def _break(self, states: Sequence[Any], what: str, record: bool) -> Any:
-        """The state of a value computed from ``states`` by a non-structural op ``what``."""
-        self._other_use(states, what, record)
-        leaves = frozenset().union(*map(_leaves, states))
-        if not leaves:
-            return None
-        fresh = any(isinstance(s, _View) for s in states)  # a weight itself goes through ``what``
-        return _Broken(leaves, what if fresh else _first_why(states))
-
-    def walk(self, jaxpr: Any, states: Sequence[Any], prefix: tuple[Any, ...], record: bool) -> list[Any]:
-        env: dict[Any, Any] = dict(zip(jaxpr.invars, states))
-
-        def read(v: Any) -> Any:
-            return None if isinstance(v, _compat.Literal) else env.get(v)
-
-        for i, eqn in enumerate(jaxpr.eqns):
-            path = prefix + (i,)
-            ins = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            if path in self.rows:
-                outs = [self._site(path, ins, record)]
-            elif name in _STRUCTURAL and ins[0] is not None and not any(ins[1:]):
-                outs = [self._structural(eqn, ins[0], record)]
-            elif _subjaxprs(eqn.params):
-                outs = self._higher(eqn, ins, path, record)
+    ``shapes``: every parameter leaf's shape (the index arrays of :func:`sparse_uses` count
+    entries over all of them). Unreached entries are ``True`` in the AND and ``False`` in the OR.
+    Traceable: ``params`` may be tracers (``None`` for leaves that no use reads).
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    offsets = np.cumsum([0] + sizes)
+    seen = [(u, _mapped(lambda w, d=u.decision: forward_mask(d, w), u.view.mapped)(replay(u.view, params)))
+            for u in uses if u.view.leaves & set(leaves)]
+    out = {}
+    for leaf in leaves:
+        size, off = sizes[leaf], offsets[leaf]
+        lo = hi = None
+        reached = np.zeros(size, bool)
+        for u, m in seen:
+            flat_idx = u.index.reshape(-1)
+            pos = np.nonzero((flat_idx >= off) & (flat_idx < off + size))[0]
+            if not len(pos):
+                continue
+            tgt = flat_idx[pos] - off
+            m = m.reshape(-1)
+            if len(tgt) == size and np.array_equal(np.sort(tgt), np.arange(size)):  # a permutation
+                src = pos[np.argsort(tgt)]
+                u_lo = u_hi = m if np.array_equal(src, np.arange(m.size)) else m[src]
             else:
-                outs = [self._break(ins, name, record)] * len(eqn.outvars)
-            env.update(zip(eqn.outvars, outs))
-        return [read(v) for v in jaxpr.outvars]
-
-    def _structural(self, eqn: Any, state: Any, record: bool) -> Any:
-        if isinstance(state, _Broken):
-            return state
-        if not all(isinstance(v, _compat.Literal) for v in eqn.invars[1:]):
-            return self._break([state], f"{eqn.primitive.name} with computed indices", record)
-        return _View(state.leaf, state.steps + (eqn,))
-
-    def _site(self, path: tuple[Any, ...], ins: list[Any], record: bool) -> Any:
-        row, d = self.rows[path]
-        if record:
-            self.seen.add(path)
-        sparse = d.plan is not None and d.plan.forward and d.weight_side is not None
-        if not sparse:
-            what = f"matmul #{row} ({d.forward})" if d.weight_side is not None else f"matmul #{row}"
-            return self._break(ins[:2], what, record)
-        w = ins[d.weight_side]
-        if record and isinstance(w, _View):
-            self.uses.setdefault(w.leaf, []).append(_Use(w.steps, d.plan, row))
-        elif record and isinstance(w, _Broken):
-            for leaf in w.leaves:
-                self.bad.setdefault(leaf, f"reaches sparse matmul #{row} through {w.why}")
-        return self._break(ins[:2], f"matmul #{row}", False)
-
-    def _higher(self, eqn: Any, ins: list[Any], path: tuple[Any, ...], record: bool) -> list[Any]:
-        name = eqn.primitive.name
-        subs = _subjaxprs(eqn.params)
-
-        def sub_walk(key: str, j: int, sub: Any, states: Sequence[Any], rec: bool = record) -> list[Any]:
-            return self.walk(_compat.open_jaxpr(sub)[0], states, path + (key, j), rec)
-
-        if name == "scan":
-            return self._scan(eqn, ins, lambda states, rec: sub_walk("jaxpr", 0, eqn.params["jaxpr"], states, rec),
-                              record)
-        if name in _TRANSPARENT and len(subs) == 1:
-            key, j, sub = subs[0]
-            inner = _compat.open_jaxpr(sub)[0]
-            if len(inner.invars) == len(ins) and len(inner.outvars) == len(eqn.outvars):
-                return sub_walk(key, j, sub, ins)
-        # Anything else is opaque: its operands count as used, and a sparse matmul inside
-        # sees them through the primitive.
-        out = self._break(ins, name, record)
-        for key, j, sub in subs:
-            n = len(_compat.open_jaxpr(sub)[0].invars)
-            inner = [self._break([s], f"the {name} it sits in", False) for s in ins] if n == len(ins) \
-                else [out] * n
-            sub_walk(key, j, sub, inner)
-        return [out] * len(eqn.outvars)
-
-    def _scan(self, eqn: Any, ins: list[Any], body: Callable[[list[Any], bool], list[Any]],
-              record: bool) -> list[Any]:
-        nc, ncarry = _compat.scan_counts(eqn.params)
-        consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
-        sliced = [_View(s.leaf, s.steps + (_SCAN,)) if isinstance(s, _View) else s for s in xs]
-        carry = [self._break([c], "a scan carry", record) for c in carry]
-        while True:  # loop-carried states: join the body's carry outputs until stable
-            outs = body(consts + carry + sliced, False)[:ncarry]
-            new = [self._break([c, o], "a scan carry", False) for c, o in zip(carry, outs)]
-            if new == carry:
-                break
-            carry = new
-        outs = body(consts + carry + sliced, record)
-        ys = [self._break([y], "a scan output", record) for y in outs[ncarry:]]
-        return carry + ys
-
-
-def _apply(steps: Sequence[Any], x: jax.Array, last: Callable[[jax.Array], jax.Array], index: bool) -> jax.Array:
-    """``last(steps(x))``, vmapped over the scan axes; ``index``: skip casts (x is an index array)."""
-    for n, step in enumerate(steps):
-        if step is _SCAN:
-            return jax.vmap(lambda xi, rest=steps[n + 1:]: _apply(rest, xi, last, index))(x)
-        if not (index and step.primitive.name in _CASTS):
-            literals = [v.val for v in step.invars[1:]]
-            (x,) = _compat.bind_eqn(step, [x, *literals])
-    return last(x)
-
-
-def _leaf_mask(leaf: jax.Array, uses: Sequence[_Use]) -> tuple[jax.Array, jax.Array]:
-    """(mask, number of entries whose masks disagree) of one parameter leaf."""
-    size = leaf.size
-    if size >= 2**31:
-        raise ValueError(f"forward_masks: a parameter of shape {leaf.shape} has more than 2**31 entries")
-    iota = jnp.arange(size, dtype=jnp.int32).reshape(leaf.shape)
-    lo = jnp.ones(size, jnp.uint8)  # AND of the masks over every position an entry reaches
-    hi = jnp.zeros(size, jnp.uint8)  # OR of them
-    reached = jnp.zeros(size, bool)
-    for u in uses:
-        m = _apply(u.steps, leaf, lambda w, plan=u.plan: _forward_weight(plan, w)[1], index=False)
-        idx = _apply(u.steps, iota, lambda i: i, index=True).reshape(-1)
-        m = m.reshape(-1).astype(jnp.uint8)
-        lo, hi = lo.at[idx].min(m), hi.at[idx].max(m)
-        reached = reached.at[idx].set(True)
-    return lo.astype(bool).reshape(leaf.shape), jnp.sum(reached & (lo != hi))
+                u_lo = jnp.ones(size, bool).at[tgt].min(m[pos])
+                u_hi = jnp.zeros(size, bool).at[tgt].max(m[pos])
+            reached[tgt] = True
+            lo = u_lo if lo is None else lo & u_lo
+            hi = u_hi if hi is None else hi | u_hi
+        if lo is not None:
+            out[leaf] = (lo.reshape(shapes[leaf]), hi.reshape(shapes[leaf]), reached.reshape(shapes[leaf]))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,74 +272,79 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
       >>> masks.not_exportable
       {'': 'reaches sparse matmul #0 through mul'}
     """
+    sig = _signature(fn, config, params_argnums, static_argnums, static_argnames)
     config = FSTConfig() if config is None else config
-    if not isinstance(config, FSTConfig):
-        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    sig = _Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
 
     def run(*args: Any, **kwargs: Any) -> Masks:
-        traced, leaves = _trace(fn, sig, config, args, kwargs, cache=None)
-        _, _, _, _, is_param = sig.split(args, kwargs)
-        params = [x for x, p in zip(leaves, is_param) if p]
+        split = sig.split(args, kwargs)
+        traced = trace(fn, sig, config, split)
+        params = [x for x, p in zip(split.leaves, split.is_param) if p]
         paths = traced.param_paths
         for x, p in zip(params, paths):
             if isinstance(x, (jax.ShapeDtypeStruct, _compat.Tracer)):
                 raise TypeError(f"forward_masks needs the parameters' values, but the parameter {p or '<root>'} "
                                 f"is a {type(x).__name__}; pass concrete arrays and call it outside jit")
-        walker = _Walker(traced.decisions)
-        jaxpr, _ = _compat.open_jaxpr(traced.jaxpr)
-        in_states = []
-        ids = iter(range(len(params)))
-        for p in is_param:
-            in_states.append(_View(next(ids)) if p else None)
-        walker.walk(jaxpr, in_states, (), record=True)
-        for i, d in enumerate(traced.decisions):  # a safety net: every sparse product was reached
-            if d.plan is not None and d.plan.forward and d.site.path not in walker.seen:
-                for leaf in d.site.lhs if d.weight_side == 0 else d.site.rhs:
-                    walker.bad.setdefault(leaf, f"sparse matmul #{i} was not reached by the export walk")
-
-        masks: list[Any] = [None] * len(params)
-        not_exportable, unmasked, used_by = {}, {}, {}
-        todo = {}
-        for leaf, uses in walker.uses.items():
-            if leaf in walker.bad:
-                not_exportable[paths[leaf]] = walker.bad[leaf]
-            elif leaf in walker.other:
-                not_exportable[paths[leaf]] = (f"also used by {walker.other[leaf]}, outside the sparse "
+        shapes = [tuple(np.shape(x)) for x in params]
+        uses, bad = sparse_uses(traced.decisions, shapes)
+        other = dict(traced.analysis.other_uses)
+        for d in traced.decisions:  # a dense use of a weight is a use outside the sparse forward products
+            if d.weight_side is not None and not (d.plan is not None and d.plan.forward):
+                w = (d.site.lhs, d.site.rhs)[d.weight_side].view
+                if isinstance(w, View):
+                    for leaf in w.leaves:
+                        other.setdefault(leaf, f"matmul #{d.index} ({d.forward})")
+        used = sorted({leaf for u in uses for leaf in u.view.leaves})
+        not_exportable: dict[str, str] = {}
+        todo = []
+        for leaf in used:
+            if leaf in bad:
+                not_exportable[paths[leaf]] = bad[leaf]
+            elif leaf in other:
+                not_exportable[paths[leaf]] = (f"also used by {other[leaf]}, outside the sparse "
                                                "forward products; pruning it would change that use")
             else:
-                todo[leaf] = uses
-        for leaf, why in walker.bad.items():
+                todo.append(leaf)
+        for leaf, why in bad.items():
             not_exportable.setdefault(paths[leaf], why)
-        computed = jax.jit(lambda ps: {k: _leaf_mask(ps[k], u) for k, u in todo.items()})(
-            {k: jnp.asarray(params[k]) for k in todo})
+
+        def compute(ps: list[jax.Array]) -> dict[int, tuple[jax.Array, jax.Array]]:
+            return {k: (lo, jnp.sum(jnp.asarray(reached) & (lo != hi)))
+                    for k, (lo, hi, reached) in leaf_masks(uses, ps, todo, shapes).items()}
+
+        computed = jax.jit(compute)([jnp.asarray(x) for x in params]) if todo else {}
+        masks: list[Any] = [None] * len(params)
+        used_by = {}
         for leaf, (mask, conflicts) in computed.items():
-            rows = tuple(sorted({u.row for u in todo[leaf]}))
+            rows = tuple(sorted({u.decision.index for u in uses if leaf in u.view.leaves}))
             if int(conflicts):
                 not_exportable[paths[leaf]] = (
                     f"{int(conflicts)} of its entries get different forward masks at different places of "
                     f"matmul(s) {', '.join(f'#{r}' for r in rows)} (a shared or broadcast weight)")
             else:
                 masks[leaf], used_by[paths[leaf]] = mask, rows
-        for leaf, p in enumerate(paths):
-            if masks[leaf] is None and p not in not_exportable:
-                unmasked[p] = _why_unmasked(traced.decisions, leaf)
-        return Masks(_param_tree(sig, args, kwargs, masks), paths, tuple(np.shape(x) for x in params),
-                     not_exportable, unmasked, used_by)
+        unmasked = {p: _why_unmasked(traced.decisions, leaf) for leaf, p in enumerate(paths)
+                    if masks[leaf] is None and p not in not_exportable}
+        return Masks(_param_tree(sig, args, masks), paths, tuple(shapes), not_exportable, unmasked, used_by)
 
     return run
 
 
+def _signature(fn: Callable, config: Any, params_argnums: Any, static_argnums: Any, static_argnames: Any) -> Signature:
+    if config is not None and not isinstance(config, FSTConfig):
+        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    return Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
+
+
 def _why_unmasked(decisions: Sequence[Decision], leaf: int) -> str:
-    for i, d in enumerate(decisions):
-        if d.weight_side is not None and leaf in (d.site.lhs if d.weight_side == 0 else d.site.rhs):
-            return f"matmul #{i} forward is {d.forward}"
+    for d in decisions:
+        if d.weight_side is not None and leaf in d.leaves:
+            return f"matmul #{d.index} forward is {d.forward}"
     return "not a weight of any matmul"
 
 
-def _param_tree(sig: _Signature, args: tuple, kwargs: dict, flat: list[Any]) -> Any:
+def _param_tree(sig: Signature, args: tuple, flat: list[Any]) -> Any:
     """``flat`` (one entry per parameter leaf) in the structure ``jax.grad(argnums=...)`` returns."""
     n = len(args)
     sorted_pos = sorted({i % n for i in sig.params_argnums})
@@ -424,6 +356,61 @@ def _param_tree(sig: _Signature, args: tuple, kwargs: dict, flat: list[Any]) -> 
     if len(sig.params_argnums) == 1:
         return per_arg[sig.params_argnums[0] % n]
     return tuple(per_arg[i % n] for i in sig.params_argnums)
+
+
+def pruned_params(fn: Callable, config: FSTConfig | None = None, *, params_argnums: int | Sequence[int] = 0,
+                  static_argnums: int | Sequence[int] = (), static_argnames: str | Sequence[str] = ()
+                  ) -> Callable[..., Any]:
+    """The 2:4 model FST trains: the parameters of ``fn`` with every forward mask applied.
+
+    ``pruned_params(fn, config)(params, *args)`` is ``prune_params(params, forward_masks(fn,
+    config)(params, *args))``: a plain (dense) call ``fn(pruned, *args)`` then computes what the
+    FST forward computes, so evaluate and export this, not the raw master weights (entries the
+    forward mask drops never acted in training and are not decayed to zero).
+
+    Args:
+      fn: the function, as for :func:`fst_jax.sparsify`.
+      config: an :class:`FSTConfig`; ``None`` means ``FSTConfig()``.
+      params_argnums: the positional argument(s) holding the parameters.
+      static_argnums: positional arguments that are not arrays.
+      static_argnames: keyword arguments that are not arrays.
+
+    Returns:
+      A function taking ``fn`` 's arguments and returning the pruned parameters, in the structure
+      of ``params`` (a tuple for several ``params_argnums``).
+
+    Raises:
+      ValueError: a weight that a sparse forward product prunes cannot be pruned in parameter space
+        (:attr:`Masks.not_exportable` says why); evaluate with ``sparsify(fn)`` instead.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, fst_jax
+      >>> def f(params, x):
+      ...     for w in params:
+      ...         x = jnp.tanh(x @ w)
+      ...     return x
+      >>> params = [jax.random.normal(jax.random.key(i), (8, 8)) for i in range(3)]
+      >>> x = jnp.ones((4, 8))
+      >>> pruned = fst_jax.pruned_params(f)(params, x)
+      >>> [int((p == 0).sum()) for p in pruned]  # the first and last layers stay dense
+      [0, 32, 0]
+      >>> bool(jnp.allclose(f(pruned, x), fst_jax.sparsify(f)(params, x)))
+      True
+    """
+    masks_fn = forward_masks(fn, config, params_argnums=params_argnums, static_argnums=static_argnums,
+                             static_argnames=static_argnames)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        masks = masks_fn(*args, **kwargs)
+        if masks.not_exportable:
+            path, why = next(iter(masks.not_exportable.items()))
+            raise ValueError(f"pruned_params: the parameter {path or '<root>'} cannot be pruned in parameter space "
+                             f"({why}); evaluate the 2:4 model with fst_jax.sparsify(fn) instead")
+        nums = (params_argnums,) if isinstance(params_argnums, int) else tuple(params_argnums)
+        params = args[nums[0]] if len(nums) == 1 else tuple(args[i] for i in nums)
+        return prune_params(params, masks)
+
+    return run
 
 
 def prune_params(params: Any, masks: Masks | Any) -> Any:

@@ -106,7 +106,8 @@ def sr_ste(masks: Masks | MaskFn, weight_decay: float) -> optax.GradientTransfor
     forward 2:4 mask is ``fst_jax.mask_2to4(kernel, axis=0)`` (groups along ``K``).
 
     Args:
-      masks: either a pytree of bool arrays with the structure of the parameters (each of its
+      masks: a :class:`fst_jax.Masks` (what :func:`fst_jax.forward_masks` returns), or a
+        pytree of bool arrays with the structure of the parameters (each of its
         parameter's shape), where a ``None`` leaf or a missing dict entry means "no decay"; or a
         callable ``params -> masks`` of that form, called on the current params at every update
         (for masks that follow the weights, as magnitude 2:4 masks do).
@@ -154,6 +155,10 @@ def sr_ste(masks: Masks | MaskFn, weight_decay: float) -> optax.GradientTransfor
     ):
         raise ValueError(f"sr_ste: weight_decay must be a finite float >= 0, got {weight_decay!r}")
     weight_decay = float(weight_decay)
+    from fst_jax._export import Masks as _Masks  # noqa: PLC0415
+
+    if isinstance(masks, _Masks):  # what fst_jax.forward_masks returns
+        masks = masks.tree
     mask_fn: MaskFn | None = masks if callable(masks) else None
 
     def current_masks(params: Params) -> list[Any]:

@@ -76,9 +76,11 @@ def test_non_array_leaves_in_params():
         fst_jax.sparsify(loss)({"w": jnp.ones((4, 4)), "name": "dense"}, jnp.ones((4, 4)))
 
 
-def test_non_array_leaf_elsewhere_suggests_static():
-    with pytest.raises(TypeError, match="static_argnums"):
-        fst_jax.sparsify(lambda p, x, act: jnp.sum(x @ p["w"]))({"w": jnp.ones((4, 4))}, jnp.ones((4, 4)), "relu")
+def test_non_array_leaf_elsewhere_is_static_or_must_be_hashable():
+    f = fst_jax.sparsify(lambda p, x, act: jnp.sum(x @ p["w"]) if act == "sum" else 0.0)
+    assert float(f({"w": jnp.ones((4, 4))}, jnp.ones((4, 4)), "sum")) == 64.0  # a str is static
+    with pytest.raises(TypeError, match="hashable.*static_argnums"):
+        f({"w": jnp.ones((4, 4))}, jnp.ones((4, 4)), {1, 2})  # a set is a leaf, and unhashable
     f = fst_jax.sparsify(lambda p, x, act: jnp.sum(x @ p["w"]) if act == "sum" else 0.0, static_argnums=2)
     assert float(f({"w": jnp.ones((4, 4))}, jnp.ones((4, 4)), "sum")) == 64.0
 

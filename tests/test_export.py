@@ -24,15 +24,16 @@ def _init(model, x):
 
 
 def _assert_same_forward(fn, cfg, params, *args):
-    """The masks export everything, and fn(pruned params) == sparsify(fn)(params) bit for bit."""
+    """The masks export everything, and fn(pruned params) == sparsify(fn)(params) to float rounding
+    (the two programs are different jaxprs, which XLA may fuse differently)."""
     masks = fst_jax.forward_masks(fn, cfg)(params, *args)
     assert not masks.not_exportable, masks.not_exportable
     dense = jax.jit(fn)(fst_jax.prune_params(params, masks), *args)
     fst = jax.jit(fst_jax.sparsify(fn, cfg))(params, *args)
     unpruned = jax.jit(fn)(params, *args)
     for d, s, u in zip(jax.tree.leaves(dense), jax.tree.leaves(fst), jax.tree.leaves(unpruned)):
-        np.testing.assert_array_equal(np.asarray(d), np.asarray(s))
-        assert not np.array_equal(np.asarray(u), np.asarray(s))  # the masks did change the forward
+        np.testing.assert_allclose(np.asarray(d), np.asarray(s), rtol=2e-6, atol=2e-6)
+        assert not np.allclose(np.asarray(u), np.asarray(s), rtol=1e-4, atol=1e-4)  # the masks changed the forward
     return masks
 
 
@@ -228,8 +229,7 @@ def test_params_argnums_tuple_gives_the_grad_structure():
     (lambda p, x: lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p["w"][i]), x), ["['w']"],
      "dynamic_slice with computed indices"),
     (lambda p, x: x @ jnp.take(p["w"], jnp.array([0, 1, 2, 3]), axis=0), ["['w']"], "gather"),
-    (lambda p, x: lax.while_loop(lambda c: c[1] < 2, lambda c: (c[0] @ p["w"], c[1] + 1), (x, 0))[0],
-     ["['w']"], "while"),
+    (lambda p, x: lax.cond(jnp.sum(x) > 0, lambda h: h @ p["w"], lambda h: -h, x), ["['w']"], "cond"),
 ])
 def test_not_exportable_names_the_op(body, leaves, op):
     rng = np.random.default_rng(9)
@@ -284,3 +284,15 @@ def test_forward_masks_needs_parameter_values():
         fst_jax.forward_masks(lambda w, x: x @ w, {"forward": True})
     masks = run(jnp.ones((4, 4)), S((2, 4), jnp.float32))  # the other arguments: shapes suffice
     _assert_half(masks, "")
+
+
+def test_while_loop_invariant_weight_is_exported():
+    """A weight read by a while loop's body as a loop constant sees the same mask at every
+    iteration: it is exported (a carried value would not be)."""
+    def f(p, x):
+        return lax.while_loop(lambda c: c[1] < 2, lambda c: (jnp.tanh(c[0] @ p["w"]), c[1] + 1), (x, 0))[0]
+
+    rng = np.random.default_rng(3)
+    params = {"w": _normal(rng, 8, 8)}
+    masks = _assert_same_forward(f, NO_SKIP, params, _normal(rng, 3, 8))
+    np.testing.assert_array_equal(np.asarray(masks.tree["w"]), np.asarray(fst_jax.mask_2to4(params["w"], axis=0)))
