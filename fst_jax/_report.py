@@ -198,7 +198,9 @@ class Report:
 
         def cell(text: str, backend: str) -> str:
             if text.startswith("sparse"):
-                return "sparse" + ("" if backend == "xla" else f" {backend}")
+                rotating = re.search(r"rotating\(\d+\)", text)  # the drawn pattern set's size
+                return "sparse" + ("" if backend == "xla" else f" {backend}") + \
+                    (f" {rotating.group(0)}" if rotating else "")
             reason = text.removeprefix("dense: ")
             n = notes.setdefault(reason, len(notes) + 1)
             return f"dense[{n}]"

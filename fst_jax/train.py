@@ -56,7 +56,7 @@ import optax
 from flax import nnx
 
 import fst_jax
-from fst_jax._config import FSTConfig
+from fst_jax._config import FSTConfig, pattern_set
 from fst_jax.models import CNN, MLP, MLPNNX, ResNet, Transformer
 
 __all__ = [
@@ -456,6 +456,8 @@ def _parse_value(name: str, raw: str, default: object) -> object:
             raise ValueError(f"FSTConfig.{name}={raw!r} is not a finite float")
         return value
     if isinstance(default, str):
+        if name == "pattern" and "," in text:  # a rotating set: pattern=even,odd
+            return tuple(part.strip() for part in text.split(","))
         return text
     raise ValueError(
         f"FSTConfig.{name} cannot be set from the command line (it is a {type(default).__name__}); "
@@ -693,6 +695,7 @@ def train_run(
     eval_every: int,
     quiet: bool = False,
     cache: dict[Any, Any] | None = None,
+    fst_key: bool = False,
 ) -> tuple[Params, RunResult]:
     """Trains ``params`` on ``data`` for ``len(batches)`` steps.
 
@@ -714,6 +717,8 @@ def train_run(
       cache: a dict to keep the compiled step and evaluation in, for the next call with the same
         ``loss_fn``, ``predict_fn`` and ``tx`` objects and the same shapes (another seed); such a
         call reports ``compile_s = 0.0``.
+      fst_key: pass the step number (0-based, traced) to ``loss_fn`` as ``fst_key=``: what a
+        sparsified loss with a rotating pattern (``FSTConfig(pattern="rotating")``) draws from.
 
     Returns:
       The trained parameters and the :class:`RunResult`.
@@ -723,10 +728,10 @@ def train_run(
     steps = len(batches)
 
     def step(
-        p: Params, opt_state: Any, x: jax.Array, y: jax.Array, idx: jax.Array
+        p: Params, opt_state: Any, x: jax.Array, y: jax.Array, idx: jax.Array, i: jax.Array
     ) -> tuple[Params, Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(
-            p, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+            p, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), **({"fst_key": i} if fst_key else {})
         )
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
@@ -744,6 +749,7 @@ def train_run(
     x_all = jnp.asarray(np.concatenate([data.x_train, data.x_test]))
     y_all = jnp.asarray(np.concatenate([data.y_train, data.y_test]))
     idx_rows = [jnp.asarray(b) for b in batches]  # on device before the timed loop
+    step_nums = [jnp.int32(i) for i in range(steps)]
     opt_state = tx.init(params)
     result = RunResult(variant=variant)
 
@@ -763,7 +769,7 @@ def train_run(
         step_c, eval_c = cache[key]
     else:
         t0 = time.perf_counter()
-        step_c = jax.jit(step).lower(params, opt_state, x_train, y_train, idx_rows[0]).compile()
+        step_c = jax.jit(step).lower(params, opt_state, x_train, y_train, idx_rows[0], step_nums[0]).compile()
         result.compile_s = time.perf_counter() - t0
         eval_c = jax.jit(evaluate)
         if cache is not None:
@@ -784,7 +790,7 @@ def train_run(
     with bar:
         for i in range(steps):
             t = time.perf_counter()
-            params, opt_state, loss = step_c(params, opt_state, x_train, y_train, idx_rows[i])
+            params, opt_state, loss = step_c(params, opt_state, x_train, y_train, idx_rows[i], step_nums[i])
             loss.block_until_ready()
             result.step_times_ms.append(1e3 * (time.perf_counter() - t))
             result.loss_steps.append(i + 1)
@@ -1151,6 +1157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fst_loss_fn = fst_jax.sparsify(loss_fn, config)
     fst_predict_fn = fst_jax.sparsify(predict_fn, config)
+    rotating = pattern_set(config.pattern) is not None or any(
+        pattern_set(dict(r.overrides).get("pattern")) is not None for r in config.rules)
+    if rotating:  # the forward product does not use the drawn pattern: any key evaluates the same
+        fst_predict_fn = functools.partial(fst_predict_fn, fst_key=0)
     variants = (("dense", loss_fn, predict_fn), ("fst", fst_loss_fn, fst_predict_fn))
     tx = make_optimizer(args.optimizer, lr, args.steps, args.schedule)
 
@@ -1182,6 +1192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, runs[variant] = train_run(
                 variant, lf, pf, params, data, batches, tx,
                 eval_every=eval_every, quiet=args.quiet, cache=caches[variant],
+                fst_key=rotating and variant == "fst",
             )
         per_seed.append(SeedResult(seed=seed, runs=runs))
     agg = aggregate(per_seed)
