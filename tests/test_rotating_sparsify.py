@@ -389,3 +389,28 @@ def test_main_job_trains_with_a_rotating_pattern(tmp_path, pattern):
     results = json.loads((tmp_path / "results.json").read_text())
     loss = results["runs"]["fst"]["curves"]["loss"]
     assert len(loss) == 12 and loss[-1] < loss[0]
+
+
+def _primitives(jaxpr):
+    from fst_jax._analysis import subjaxprs
+    from fst_jax._compat import open_jaxpr
+
+    out = set()
+    for eqn in open_jaxpr(jaxpr)[0].eqns:
+        out.add(eqn.primitive.name)
+        for _, _, sub in subjaxprs(eqn.params):
+            out |= _primitives(sub)
+    return out
+
+
+def test_compact_has_no_branch_over_gemms_and_vmaps_over_steps():
+    params, x = mlp_params(), jax.random.normal(jax.random.key(1), (4, 8, K))
+    f = fst_jax.sparsify(mlp, fst_jax.FSTConfig(pattern="rotating"))
+    grad = lambda p, x, s: jax.grad(f)(p, x, fst_key=s)  # noqa: E731
+    prims = _primitives(jax.make_jaxpr(grad)(params, x, jnp.int32(0)))
+    assert "custom_vjp_call" in prims or "custom_vjp_call_jaxpr" in prims
+    assert "cond" not in prims and "while" not in prims
+    steps = jnp.arange(3, dtype=jnp.int32)
+    batched = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(params, x, steps)
+    for i in range(3):
+        np.testing.assert_allclose(batched["w2"][i], jax.jit(grad)(params, x, steps[i])["w2"], rtol=1e-5, atol=1e-6)
