@@ -65,6 +65,10 @@ P = {name: _find_prim(name) for name in (
     "concatenate", "sharding_constraint", "device_put", "reduce_precision")}
 
 
+#: The parameter holding the body of a call-like primitive.
+CALL_JAXPR = {p: name for p, name in ((P["jit"], "jaxpr"), (P["closed_call"], "call_jaxpr")) if p is not None}
+
+
 def trace_context() -> Any:
     """What ``jax.jit`` keys its caches on besides the avals: x64, the abstract mesh, ... (hashable)."""
     from jax._src import config as _config  # noqa: PLC0415

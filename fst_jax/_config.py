@@ -14,17 +14,68 @@ from typing import Any, Literal
 
 GradInput = Literal["prune_output_dim", "transposable", "dense"]
 GradWeight = Literal["fixed_mask", "prune_grad_output", "dense"]
-Pattern = Literal["checkerboard", "even", "odd"]
+Pattern = Literal["checkerboard", "even", "odd", "rotating"] | tuple[str, ...]
 Mode = Literal["masked", "compact"]
 Backend = Literal["xla", "pallas", "cusparselt", "auto"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "grad_input": ("prune_output_dim", "transposable", "dense"),
     "grad_weight": ("fixed_mask", "prune_grad_output", "dense"),
-    "pattern": ("checkerboard", "even", "odd"),
     "mode": ("masked", "compact"),
     "backend": ("xla", "pallas", "cusparselt", "auto"),
 }
+
+
+#: The fixed token patterns (one mask for every step).
+FIXED_PATTERNS = ("checkerboard", "even", "odd")
+
+#: The half-token patterns a rotating set may name (``fst_jax._masks.TOKEN_PATTERNS``).
+ROTATING_PATTERNS = ("alternating", "odd", "anti_checkerboard", "checkerboard", "even", "anti_alternating")
+
+#: ``pattern="rotating"``: the authors' four patterns, drawn per layer per step
+#: (``fst_jax._masks.AUTHORS_PATTERNS``).
+AUTHORS_PATTERNS = ROTATING_PATTERNS[:4]
+
+
+def pattern_set(pattern: Any) -> tuple[str, ...] | None:
+    """The rotating set a (validated) ``pattern`` value draws from, or None for a fixed pattern.
+
+    Example:
+      >>> from fst_jax._config import pattern_set
+      >>> pattern_set("rotating"), pattern_set(("even", "odd")), pattern_set("even")
+      (('alternating', 'odd', 'anti_checkerboard', 'checkerboard'), ('even', 'odd'), None)
+    """
+    if pattern == "rotating":
+        return AUTHORS_PATTERNS
+    if isinstance(pattern, tuple):
+        return pattern
+    return None
+
+
+def _check_pattern(owner: str, value: Any) -> Any:
+    """Validates ``pattern`` and returns its canonical form (a list becomes a tuple)."""
+    if isinstance(value, str):
+        if value in FIXED_PATTERNS or value == "rotating":
+            return value
+        raise ValueError(
+            f"{owner}.pattern={value!r} is not valid; allowed values: "
+            + ", ".join(repr(a) for a in FIXED_PATTERNS + ("rotating",))
+            + ", or a tuple of pattern names to draw from per layer per step, from: "
+            + ", ".join(repr(a) for a in ROTATING_PATTERNS))
+    if isinstance(value, (tuple, list)):
+        names = tuple(value)
+        bad = [n for n in names if not isinstance(n, str) or n not in ROTATING_PATTERNS]
+        if not names or bad:
+            raise ValueError(
+                f"{owner}.pattern={value!r}: a rotating pattern set must be a non-empty tuple of pattern "
+                f"names{f' ({bad[0]!r} is not one)' if bad else ''}; allowed names: "
+                + ", ".join(repr(a) for a in ROTATING_PATTERNS))
+        if len(set(names)) != len(names):
+            raise ValueError(f"{owner}.pattern={value!r} repeats a pattern; each name may appear once")
+        return names
+    raise ValueError(
+        f"{owner}.pattern={value!r} is not valid: pass one of "
+        + ", ".join(repr(a) for a in FIXED_PATTERNS + ("rotating",)) + " or a tuple of pattern names")
 
 
 #: The FSTConfig fields a :class:`Rule` can override per layer.
@@ -91,6 +142,7 @@ class Rule:
         overrides = self.overrides if self.overrides is not None else ()
         if isinstance(overrides, Mapping):
             overrides = tuple(sorted(overrides.items()))
+
         if not isinstance(overrides, tuple) or not all(isinstance(o, tuple) and len(o) == 2 for o in overrides):
             raise ValueError(f"Rule.overrides must be a dict of FSTConfig fields, got {self.overrides!r}")
         unknown = [k for k, _ in overrides if k not in LAYER_FIELDS]
@@ -99,6 +151,9 @@ class Rule:
                              + ", ".join(repr(f) for f in LAYER_FIELDS))
         if overrides and self.action == "dense":
             raise ValueError("Rule.overrides apply to sparse layers; a rule with action='dense' cannot have them")
+        if "pattern" in dict(overrides):  # canonical form: a rotating set given as a list is a tuple
+            overrides = tuple((k, _check_pattern("Rule.overrides", v) if k == "pattern" else v)
+                              for k, v in overrides)
         changes = dict(overrides)
         if changes.get("forward") is False:
             changes["sr_ste"] = 0.0
@@ -145,6 +200,20 @@ class FSTConfig:
         accuracy study ``"odd"`` was within noise of it at all three ablation settings and
         ``"even"`` worse on one (−2.4 vs −1.3 pt); ``"even"``/``"odd"`` are faster in compact
         mode (one half GEMM instead of two interleaved quarter GEMMs).
+
+        **Rotating patterns** (the authors' released code): ``"rotating"`` draws, per layer and
+        per step, one of the authors' four half-token patterns ``("alternating", "odd",
+        "anti_checkerboard", "checkerboard")``, so that every activation entry feeds the
+        grad-weight product in some steps; a tuple of names (any of ``"alternating"``, ``"odd"``,
+        ``"anti_checkerboard"``, ``"checkerboard"``, ``"even"``, ``"anti_alternating"``, each
+        once) draws from that set. The draw comes from the ``fst_key=`` keyword argument of the
+        sparsified function (a PRNG key, or an integer step counter; traced, so one compiled step
+        serves every step): the same key gives the same draw, and layers draw independently.
+        A rotating config called without ``fst_key`` raises an error; fixed patterns accept and
+        ignore it. The forward product does not use the pattern (``forward_masks`` and export are
+        unaffected). Compact mode keeps half the activation and one compiled step for every draw;
+        convolutions and a ``token_axis`` that is not the innermost free axis run the masked
+        rotating product (the report says so).
       restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``, any finite float
         (negative values are allowed: the shift is a linear combination, and tests use them to
         check the sign convention). Default 0.03
@@ -195,6 +264,18 @@ class FSTConfig:
       'fixed_mask'
       >>> hash(cfg) == hash(fst_jax.FSTConfig(restore_scale=1.0))
       True
+      >>> fst_jax.FSTConfig(pattern=["even", "odd"]).pattern  # a rotating set, as a tuple
+      ('even', 'odd')
+
+      A rotating pattern needs ``fst_key`` (here a traced step counter, one compile for all steps):
+
+      >>> import jax, jax.numpy as jnp
+      >>> cfg = fst_jax.FSTConfig(pattern="rotating", skip_first=False, skip_last=False)
+      >>> loss = fst_jax.sparsify(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2), cfg)
+      >>> w, x = jnp.ones((8, 8)), jnp.ones((2, 4, 8))
+      >>> step_grad = jax.jit(lambda w, x, step: jax.grad(loss)(w, x, fst_key=step))
+      >>> [step_grad(w, x, jnp.int32(s)).shape for s in range(2)]
+      [(8, 8), (8, 8)]
     """
 
     forward: bool = True
@@ -217,6 +298,7 @@ class FSTConfig:
                 raise ValueError(f"FSTConfig.{name} must be a bool (True or False), got {getattr(self, name)!r}")
         for name, allowed in _CHOICES.items():
             _check_choice("FSTConfig", name, getattr(self, name), allowed)
+        object.__setattr__(self, "pattern", _check_pattern("FSTConfig", self.pattern))
         for name in ("restore_scale", "sr_ste"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

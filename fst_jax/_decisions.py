@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fst_jax import _compat
 from fst_jax._analysis import Site, View
-from fst_jax._config import FSTConfig, Rule
+from fst_jax._config import FSTConfig, Rule, pattern_set
 from fst_jax._dot import GemmPlan, cusparselt_ineligible, kernel_eligible
 
 
@@ -312,6 +312,7 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         gi = Product(True, variant=cfg.grad_input, backend=fwd_backend, note=note, executed=half)
     if not act_diff:
         gi = dataclasses.replace(gi, backend="none")
+    rotating = pattern_set(cfg.pattern)
     if cfg.grad_weight == "dense":
         gw = _dense(Reason.CONFIG, field="grad_weight", value="dense")
     elif geo.token_problem is not None:
@@ -320,6 +321,15 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         gw = _dense(Reason.FEW_TOKENS, T=geo.T)
     elif cfg.grad_weight == "prune_grad_output" and geo.T % 4:
         gw = _dense(Reason.T_NOT_4, T=geo.T)
+    elif cfg.grad_weight == "fixed_mask" and rotating is not None:
+        a_free = geo.identity.act_free
+        compact = cfg.mode == "compact" and not site.conv and bool(a_free) and geo.t_axis == a_free[-1]
+        if compact or cfg.mode == "masked":
+            how = cfg.mode
+        else:
+            how = "masked (convolution)" if site.conv else "masked (token_axis not the innermost free axis)"
+        gw = Product(True, variant=f"fixed_mask, rotating({len(rotating)}), {how}",
+                     executed=0.5 if compact else 1.0)
     elif cfg.grad_weight == "fixed_mask":
         compact = cfg.mode == "compact" and geo.T % 2 == 0
         how = "compact" if compact else ("masked (odd T)" if cfg.mode == "compact" else "masked")
@@ -333,7 +343,9 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         geo.identity, forward=cfg.forward,
         grad_input=cfg.grad_input if gi.sparse else "dense",
         grad_weight=cfg.grad_weight if gw.sparse else "dense",
-        pattern=cfg.pattern, restore_scale=cfg.restore_scale, sr_ste=cfg.sr_ste if per_use else 0.0,
+        pattern=cfg.pattern if rotating is None else "rotating", restore_scale=cfg.restore_scale,
+        patterns=rotating if rotating is not None and gw.sparse and cfg.grad_weight == "fixed_mask" else (),
+        act_shape=tuple(site.eqn.invars[1 - side].aval.shape) if rotating is not None else (), sr_ste=cfg.sr_ste if per_use else 0.0,
         mode=cfg.mode, backend=fwd_backend)
     sr = "off" if not (cfg.forward and cfg.sr_ste > 0) else ("per use" if per_use else "parameter")
     return Decision(forward=fwd, grad_input=gi, grad_weight=gw, plan=plan, sr_ste=sr, **common)

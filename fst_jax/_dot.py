@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fst_jax import _compat, _masks
+from fst_jax import _compat, _masks, _rotate
 from fst_jax._analysis import MARKER
 
 
@@ -63,12 +63,29 @@ class GemmPlan:
     t_out_axes: tuple[int, ...] = ()  # conv: the output's spatial axes, flattened row-major into t
     act_free: tuple[int, ...] = ()  # the activation's free axes (t among them), for p = b·T + t
     tokens: int = 0  # T: the token axis' length (conv: output positions per image)
+    patterns: tuple[str, ...] = ()  # a rotating set: the grad-weight pattern is drawn per step
+    act_shape: tuple[int, ...] = ()  # the activation's shape (rotating plans: the compact layout)
+
+    @property
+    def rotating(self) -> bool:
+        """Whether the grad-weight token mask is drawn per step from ``patterns`` (a traced choice
+        enters :func:`rotating_dot` as an operand)."""
+        return bool(self.patterns) and self.grad_weight == "fixed_mask"
+
+    @property
+    def rotating_compact(self) -> bool:
+        """Whether the rotating grad-weight runs compact (:mod:`fst_jax._rotate`): a matmul whose
+        token axis is the activation's innermost free axis; convolutions and other token axes run
+        the masked rotating product."""
+        return (self.rotating and self.mode == "compact" and not self.conv and self.t_axis is not None
+                and bool(self.act_free) and self.t_axis == self.act_free[-1])
 
     @property
     def compact(self) -> bool:
         """Whether the grad-weight product runs over the kept tokens (output positions) only: the
         kept half is a strided slice when T is even; an odd T runs masked."""
-        return self.mode == "compact" and self.grad_weight == "fixed_mask" and self.tokens % 2 == 0
+        return (self.mode == "compact" and self.grad_weight == "fixed_mask" and self.tokens % 2 == 0
+                and not self.patterns)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -563,8 +580,105 @@ def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
 _sparse_dot.defvjp(_sparse_dot_fwd, _sparse_dot_bwd)
 
 
-def sparse_dot(lhs: jax.Array, rhs: jax.Array, plan: GemmPlan) -> jax.Array:
-    """``dot_general(lhs, rhs)`` with the FST products of ``plan`` (a :class:`GemmPlan`)."""
+def sparse_dot(lhs: jax.Array, rhs: jax.Array, plan: GemmPlan, choice: jax.Array | None = None) -> jax.Array:
+    """``dot_general(lhs, rhs)`` with the FST products of ``plan`` (a :class:`GemmPlan`); a rotating
+    plan takes ``choice``, the drawn pattern's index (an int32 scalar, traced)."""
     act, weight = (rhs, lhs) if plan.weight_side == 0 else (lhs, rhs)
     with jax.named_scope(MARKER):
+        if plan.rotating:
+            if choice is None:
+                raise ValueError("fst_jax: a rotating pattern needs the drawn choice (internal error)")
+            return _rotating_dot(act, weight, jnp.asarray(choice, jnp.int32), plan)
         return _sparse_dot(act, weight, plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotating patterns: the grad-weight token mask is pattern ``plan.patterns[choice]``, the choice an
+# int32 primal operand (cotangent None) drawn once per matmul per step by the caller. The forward
+# product does not read it; the backward pass forms dW from a p-indexed mask (masked) or from the
+# kept half of the activation (compact, one compiled step for every draw, no switch over GEMMs).
+
+
+def _batch_axes(plan: GemmPlan, ndim: int) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in plan.act_contract and a not in plan.act_free)
+
+
+def _layout(plan: GemmPlan, act_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> _rotate.CompactLayout:
+    return _rotate.compact_layout(act_shape, weight_shape, plan.params["dimension_numbers"], plan.weight_side,
+                                  plan.t_axis)
+
+
+def _conv_rotating_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array,
+                               choice: jax.Array) -> jax.Array:
+    """dW of a convolution under the drawn pattern: ``p = n·T + t`` over the output positions of
+    the batch (as the authors' im2col columns), ``k`` the input channel; one backward-filter
+    convolution per input-channel parity, interleaved."""
+    def grad(g: jax.Array) -> jax.Array:
+        _, vjp_w = jax.vjp(lambda w: _dot(plan, act, w), weight)
+        return vjp_w(g)[0]
+
+    flat, unflat = _flat_tokens(dy, plan.t_out_axes)
+    shifted = _masks.gradient_shift(flat, -1, plan.restore_scale)
+    out_spec = plan.params["dimension_numbers"].out_spec
+    n_axis = 0 if out_spec[0] < out_spec[1] else 1
+    images = flat.shape[n_axis]
+    t = lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1)
+    n = lax.broadcasted_iota(jnp.int32, flat.shape, n_axis)
+    p8 = _like_sharding(((n % 8) * (plan.tokens % 8) + t) % 8, flat)  # only p mod 8 matters
+    table = _masks.pattern_phase(plan.patterns, images * plan.tokens)
+    halves = []
+    for kappa in (0, 1):
+        phase = _masks._phase_of(table, choice, jnp.bool_(kappa), p8 // 4 == 1)
+        halves.append(grad(unflat(jnp.where(p8 % 2 == phase, shifted, jnp.zeros_like(shifted)))))
+    k = lax.broadcasted_iota(jnp.int32, weight.shape, plan.k_axis)  # the input channel
+    return jnp.where(k % 2 == 0, halves[0], halves[1])
+
+
+def _rotating_grad_weight_masked(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array,
+                                 choice: jax.Array) -> jax.Array:
+    if plan.conv:
+        return _conv_rotating_grad_weight(plan, act, weight, dy, choice)
+    mask = _masks.rotating_token_mask(act.shape, token_axis=plan.t_axis, contracting_axes=plan.act_contract,
+                                      choice=choice, patterns=plan.patterns,
+                                      batch_axes=_batch_axes(plan, act.ndim))
+    a_kept = _masks.apply_mask(act, _like_sharding(mask, act))
+    dy_g = _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
+    _, vjp_w = jax.vjp(lambda w: _dot(plan, a_kept, w), weight)
+    return vjp_w(dy_g)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _rotating_dot(act: jax.Array, weight: jax.Array, choice: jax.Array, plan: GemmPlan) -> jax.Array:
+    w_f, _ = _forward_weight(plan, weight)
+    return _forward_product(plan, act, w_f)
+
+
+def _rotating_dot_fwd(act: jax.Array, weight: jax.Array, choice: jax.Array, plan: GemmPlan):
+    if plan.rotating_compact:
+        saved = _rotate.rotating_compact_parts(act, choice, _layout(plan, act.shape, weight.shape), plan.patterns)
+    else:
+        saved = act
+    return _rotating_dot(act, weight, choice, plan), (saved, weight, choice)
+
+
+def _rotating_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, jax.Array], dy: jax.Array):
+    saved, weight, choice = res
+    w_f, mask_f = _forward_weight(plan, weight)
+    w_b = _backward_weight(plan, weight, w_f)
+    if plan.rotating_compact:
+        lay = _layout(plan, plan.act_shape, weight.shape)
+        act = _rotate.rotating_from_compact(saved, choice, lay, plan.patterns)  # only its shape is read
+        d_w = _rotate.rotating_compact_grad_weight(
+            saved, choice, dy, lay, weight_dtype=weight.dtype, scale=plan.restore_scale, patterns=plan.patterns,
+            precision=plan.params.get("precision"), preferred_element_type=plan.params.get("preferred_element_type"))
+    else:
+        act = saved
+        d_w = _rotating_grad_weight_masked(plan, act, weight, dy, choice)
+    d_act = _grad_input_product(plan, act, w_b, dy)
+    if plan.sr_ste and mask_f is not None:
+        decay = plan.sr_ste * jnp.where(mask_f, jnp.zeros_like(weight), weight)
+        d_w = d_w + decay.astype(d_w.dtype)
+    return d_act, d_w, None
+
+
+_rotating_dot.defvjp(_rotating_dot_fwd, _rotating_dot_bwd)

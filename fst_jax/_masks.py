@@ -6,6 +6,9 @@
   per tile, listed in :data:`TRANSPOSABLE_PATTERNS`).
 * :func:`token_mask`: the fixed activation masks (``"checkerboard"``, ``"even"``, ``"odd"``).
 * :func:`gradient_shift`: the information-restoration shift ``dY + s·roll(dY, 1)``.
+* :func:`rotating_token_mask` and :func:`draw_pattern`: the authors' rotating activation masks
+  (one of a set of half-token patterns, :data:`TOKEN_PATTERNS`, drawn per layer per step from a
+  key or step counter the caller passes); :func:`pattern_phase` is their common form.
 
 Magnitude is ``|x|`` with NaN counted as ``+inf``. :func:`mask_2to4` breaks ties by the lower
 index and uses pairwise comparisons only (no sort, ``top_k`` or gather), so that the same logic
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import operator
 from collections.abc import Sequence
 
@@ -32,10 +36,15 @@ import numpy as np
 from jax import lax
 
 __all__ = [
+    "AUTHORS_PATTERNS",
+    "TOKEN_PATTERNS",
     "TRANSPOSABLE_PATTERNS",
     "apply_mask",
+    "draw_pattern",
     "gradient_shift",
     "mask_2to4",
+    "pattern_phase",
+    "rotating_token_mask",
     "token_mask",
     "transposable_mask_2to4",
 ]
@@ -330,3 +339,299 @@ def gradient_shift(dy: jax.Array, axis: int, scale: float) -> jax.Array:
 def _gradient_shift(dy: jax.Array, axis: int, scale: float | jax.Array) -> jax.Array:
     wide = dy.astype(jnp.promote_types(dy.dtype, jnp.float32))
     return (wide + scale * jnp.roll(wide, 1, axis)).astype(dy.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotating activation patterns: the authors' per-layer, per-step draw of a half-token mask.
+
+TOKEN_PATTERNS: tuple[str, ...] = (
+    "alternating",
+    "odd",
+    "anti_checkerboard",
+    "checkerboard",
+    "even",
+    "anti_alternating",
+)
+"""The half-token patterns :func:`rotating_token_mask` knows (see :func:`pattern_phase`)."""
+
+AUTHORS_PATTERNS: tuple[str, ...] = TOKEN_PATTERNS[:4]
+"""The four patterns the authors' code draws from, in its order (``rand_flag`` ≤ 1/4, ≤ 2/4, ≤ 3/4,
+> 3/4): ``("alternating", "odd", "anti_checkerboard", "checkerboard")``."""
+
+#: The fixed seed a step counter is folded into by :func:`draw_pattern` ("FST!" in ASCII).
+STEP_SEED = 0x46535421
+
+
+def _pattern_bits(pattern: str, num_tokens: int) -> tuple[int, int, int]:
+    """``(a, b, d)`` with ``phase = a ^ (b & k) ^ (d & g)`` (see :func:`pattern_phase`)."""
+    c = (num_tokens // 4) % 2  # the authors' view(-1, 4) runs on over rows: their row k shifts g
+    return {
+        "alternating": (1, c, 1),
+        "anti_alternating": (0, c, 1),
+        "odd": (1, 0, 0),
+        "even": (0, 0, 0),
+        "checkerboard": (0, 1, 0),
+        "anti_checkerboard": (1, 1, 0),
+    }[pattern]
+
+
+def _check_patterns(fn: str, patterns: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        raise ValueError(f"{fn}: patterns={patterns!r} must be a sequence of pattern names")
+    patterns = tuple(patterns)
+    if not patterns:
+        raise ValueError(f"{fn}: patterns is empty")
+    for name in patterns:
+        if name not in TOKEN_PATTERNS:
+            raise ValueError(
+                f"{fn}: pattern {name!r} is not valid; allowed values: "
+                + ", ".join(repr(p) for p in TOKEN_PATTERNS)
+            )
+    return patterns
+
+
+def pattern_phase(patterns: Sequence[str], num_tokens: int) -> np.ndarray:
+    """Every half-token pattern as one table: ``phase[c, k % 2, (p // 4) % 2]``.
+
+    All the patterns have one form. With ``p`` the flat token index (row-major over the
+    activation's free dims, the token axis innermost: ``p = b·T + t`` for ``[B, T, K]``), ``k`` the
+    flat contraction index and ``N`` the number of tokens (the product of the free dims), pattern
+    ``c`` keeps entry ``(p, k)`` when ``p % 2 == phase[c, k % 2, (p // 4) % 2]``. So in every pair of
+    tokens ``(2j, 2j+1)`` exactly one is kept, for every ``k``: each pattern keeps exactly 2 of every
+    4 consecutive tokens (an interleaved 1:2 pattern), whatever ``N``; a last, incomplete group
+    keeps what the formula says.
+
+    The patterns, with ``g = (p // 4) % 2`` and ``c_N = (N // 4) % 2``:
+
+    * ``"alternating"`` keeps ``(p + g + c_N·k) % 2 == 1``: groups of 4 alternate ``{1,3}``,
+      ``{0,2}``, ``{1,3}``, ... (``0101 1010 0101 ...``), the phase flipping from row ``k`` to
+      ``k+1`` when ``N/4`` is odd. This is the authors' pattern 1.
+    * ``"odd"`` keeps ``p % 2 == 1``: the authors' pattern 2.
+    * ``"anti_checkerboard"`` keeps ``(p + k) % 2 == 1``: the authors' pattern 3.
+    * ``"checkerboard"`` keeps ``(p + k) % 2 == 0``: the authors' pattern 4.
+    * ``"even"`` keeps ``p % 2 == 0`` and ``"anti_alternating"`` the complement of
+      ``"alternating"``: not the authors', for sets whose patterns complement each other.
+
+    ``"checkerboard"``, ``"even"`` and ``"odd"`` are :func:`token_mask`'s fixed patterns (equal to
+    them when the token count ``T`` is even, where ``p`` and ``t`` have the same parity).
+
+    Source: the authors' ``sparse_conv_backward_parameters_cuda`` in
+    ``Sparse_Conv_Extension_CUDA/src/cuda/sparse_conv_cuda.cpp``, lines 356–377 of
+    github.com/WeixiangXu/FST at commit ``8fd0879``. It draws ``rand_flag = torch::rand(1)`` once
+    per im2col chunk (one layer, one step) and zeroes entries of ``columns``, the im2col matrix of
+    shape ``[K, L]`` (row ``k`` = the flat (Cin, kh, kw) index, column ``p`` = the output position
+    ``(b·Hout + h)·Wout + w`` within the chunk, ``L`` tokens):
+
+    1. ``rand_flag <= 1/4``: ``columns.view({-1,4})``, then rows ``0::2`` of that view zero
+       columns ``0::2`` and rows ``1::2`` zero columns ``1::2``. Group ``(k·L + p) // 4`` keeps
+       ``{1,3}`` when even, ``{0,2}`` when odd: ``"alternating"`` (for ``L % 4 == 0``; with
+       ``L % 4 != 0`` their groups straddle rows and the mask is not 2:4 along ``p``, and the
+       formula above is the extension that stays 2:4).
+    2. ``rand_flag <= 2/4``: ``columns[:, 0::2] = 0``: ``"odd"``.
+    3. ``rand_flag <= 3/4``: ``columns[0::2, 0::2] = 0`` and ``columns[1::2, 1::2] = 0``:
+       ``"anti_checkerboard"``.
+    4. otherwise: ``columns[1::2, 0::2] = 0`` and ``columns[0::2, 1::2] = 0``: ``"checkerboard"``.
+
+    Args:
+      patterns: pattern names from :data:`TOKEN_PATTERNS`.
+      num_tokens: ``N``, the number of tokens of one grad-weight problem (only ``(N // 4) % 2``
+        matters, for ``"alternating"`` and ``"anti_alternating"``).
+
+    Returns:
+      An int32 NumPy array of shape ``(len(patterns), 2, 2)`` with entries 0 or 1.
+
+    Raises:
+      ValueError: for an unknown pattern name or an empty ``patterns``.
+
+    Example:
+      >>> from fst_jax._masks import AUTHORS_PATTERNS, pattern_phase
+      >>> pattern_phase(AUTHORS_PATTERNS, num_tokens=8)[:, 0, :].tolist()  # rows k even
+      [[1, 0], [1, 1], [1, 1], [0, 0]]
+    """
+    patterns = _check_patterns("pattern_phase", patterns)
+    table = np.zeros((len(patterns), 2, 2), np.int32)
+    for c, name in enumerate(patterns):
+        a, b, d = _pattern_bits(name, operator.index(num_tokens))
+        for k in (0, 1):
+            for g in (0, 1):
+                table[c, k, g] = a ^ (b & k) ^ (d & g)
+    return table
+
+
+def _free_axes(fn: str, ndim: int, token_axis: int, contracting_axes: Sequence[int],
+               batch_axes: Sequence[int]) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(t_axis, k_axes, batch axes, free axes with t innermost), all normalised and checked."""
+    t_axis = _normalize_axis(fn, "token_axis", token_axis, ndim)
+    k_axes = tuple(_normalize_axis(fn, "contracting_axes", a, ndim) for a in contracting_axes)
+    b_axes = tuple(_normalize_axis(fn, "batch_axes", a, ndim) for a in batch_axes)
+    named = k_axes + b_axes
+    if len(set(named)) != len(named):
+        raise ValueError(
+            f"{fn}: contracting_axes={tuple(contracting_axes)} and batch_axes={tuple(batch_axes)} "
+            "repeat an axis"
+        )
+    if t_axis in named:
+        raise ValueError(
+            f"{fn}: token_axis={token_axis} is also a contracting or batch axis "
+            f"(contracting_axes={tuple(contracting_axes)}, batch_axes={tuple(batch_axes)})"
+        )
+    free = tuple(a for a in range(ndim) if a not in named and a != t_axis) + (t_axis,)
+    return t_axis, k_axes, b_axes, free
+
+
+def rotating_token_mask(
+    shape: Sequence[int],
+    *,
+    token_axis: int,
+    contracting_axes: Sequence[int],
+    choice: int | jax.Array,
+    patterns: Sequence[str] = AUTHORS_PATTERNS,
+    batch_axes: Sequence[int] = (),
+) -> jax.Array:
+    """The activation mask of pattern ``patterns[choice]``, with ``choice`` a (traced) integer.
+
+    ``p`` is the row-major flat index over the activation's free dims (every axis that is neither
+    contracting nor batch), taken in axis order with ``token_axis`` moved innermost (it is the
+    innermost free axis in fst_jax's layouts, so ``p = b·T + t`` for ``[B, T, K]``); ``k`` is the
+    row-major flat index over ``contracting_axes`` in the order given (``k = 0`` if none); ``N`` is
+    the number of tokens (the product of the free dims). Batch axes are independent problems: each
+    gets the same mask. Pattern ``c`` keeps ``p % 2 == phase[c, k % 2, (p // 4) % 2]`` with
+    ``phase = pattern_phase(patterns, N)``: see :func:`pattern_phase` for the patterns, their
+    formulas and the authors' code they come from. Every pattern keeps exactly 2 of every 4
+    consecutive ``p`` for every ``k`` (and one of every pair ``(2j, 2j+1)``), for any token count.
+
+    ``choice`` may be a traced int32 scalar (from :func:`draw_pattern`): one compiled function
+    serves every draw. A Python or NumPy ``choice`` out of range is an error; a JAX array (traced or
+    not) out of range is clamped to ``[0, len(patterns) - 1]``.
+
+    Args:
+      shape: the activation's shape.
+      token_axis: the token axis ``t``; negative values count from the end.
+      contracting_axes: the activation's contracting axes, outermost first.
+      choice: the index of the pattern in ``patterns``: a Python int or an int32 scalar array.
+      patterns: pattern names from :data:`TOKEN_PATTERNS`; default the authors' four,
+        :data:`AUTHORS_PATTERNS`.
+      batch_axes: the activation's ``dot_general`` batch axes (independent problems).
+
+    Returns:
+      A bool array of ``shape``, ``True`` where the activation entry is kept.
+
+    Raises:
+      ValueError: for an unknown or empty pattern set, an axis out of range or repeated,
+        ``token_axis`` among the contracting or batch axes, or a Python or NumPy ``choice`` out
+        of range.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from fst_jax._masks import rotating_token_mask
+      >>> for c in range(4):  # the authors' four patterns on 8 tokens x 2 contraction rows (k, p)
+      ...     m = rotating_token_mask((8, 2), token_axis=0, contracting_axes=(1,), choice=c)
+      ...     print(m.T.astype(int))
+      [[0 1 0 1 1 0 1 0]
+       [0 1 0 1 1 0 1 0]]
+      [[0 1 0 1 0 1 0 1]
+       [0 1 0 1 0 1 0 1]]
+      [[0 1 0 1 0 1 0 1]
+       [1 0 1 0 1 0 1 0]]
+      [[1 0 1 0 1 0 1 0]
+       [0 1 0 1 0 1 0 1]]
+      >>> m = rotating_token_mask((2, 3, 4), token_axis=1, contracting_axes=(2,),
+      ...                         choice=jnp.int32(1))  # "odd" over p = b·3 + t: odd T is fine
+      >>> print(m[:, :, 0].astype(int))
+      [[0 1 0]
+       [1 0 1]]
+    """
+    patterns = _check_patterns("rotating_token_mask", patterns)
+    shape = tuple(operator.index(d) for d in shape)
+    _, k_axes, _, free = _free_axes("rotating_token_mask", len(shape), token_axis,
+                                    contracting_axes, batch_axes)
+    if isinstance(choice, (int, np.integer)) or (isinstance(choice, np.ndarray) and choice.ndim == 0):
+        if not 0 <= int(choice) < len(patterns):
+            raise ValueError(
+                f"rotating_token_mask: choice={int(choice)} is out of range for {len(patterns)} "
+                "patterns"
+            )
+    choice = jnp.asarray(choice, jnp.int32)
+    if choice.shape != ():
+        raise ValueError(f"rotating_token_mask: choice must be a scalar, got shape {choice.shape}")
+    return _rotating_token_mask(shape, free, k_axes, patterns, choice)
+
+
+def _phase_of(table: np.ndarray, choice: jax.Array, k_odd: jax.Array, g_odd: jax.Array) -> jax.Array:
+    """``table[choice, k_odd, g_odd]`` as selects (fuses into the caller's loop, no gather)."""
+    row = jnp.asarray(table)[jnp.clip(choice, 0, table.shape[0] - 1)]  # [2, 2], traced
+    return jnp.where(k_odd, jnp.where(g_odd, row[1, 1], row[1, 0]),
+                     jnp.where(g_odd, row[0, 1], row[0, 0]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _rotating_token_mask(shape: tuple[int, ...], free: tuple[int, ...], k_axes: tuple[int, ...],
+                         patterns: tuple[str, ...], choice: jax.Array) -> jax.Array:
+    num_tokens = math.prod(shape[a] for a in free)
+    # Only p mod 8 and k mod 2 matter: keep them reduced so int32 never wraps.
+    p8 = jnp.zeros(shape, jnp.int32)
+    for a in free:
+        p8 = (p8 * (shape[a] % 8) + lax.broadcasted_iota(jnp.int32, shape, a)) % 8
+    k2 = jnp.zeros(shape, jnp.int32)
+    for a in k_axes:
+        k2 = (k2 * (shape[a] % 2) + lax.broadcasted_iota(jnp.int32, shape, a)) % 2
+    phase = _phase_of(pattern_phase(patterns, num_tokens), choice, k2 == 1, (p8 // 4) == 1)
+    return (p8 % 2) == phase
+
+
+def _as_key(key_or_step: jax.Array | int) -> jax.Array:
+    """A typed PRNG key from a typed key, a raw ``uint32[2]`` key, or an integer step counter."""
+    x = key_or_step
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if x.shape != ():
+            raise ValueError(f"draw_pattern: expected one PRNG key, got an array of shape {x.shape}")
+        return x
+    x = jnp.asarray(x)
+    if x.dtype == jnp.uint32 and x.shape == (2,):
+        return jax.random.wrap_key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.integer) and x.shape == ():
+        return jax.random.fold_in(jax.random.key(STEP_SEED), x)
+    raise TypeError(
+        "draw_pattern: key_or_step must be a PRNG key (jax.random.key or a raw uint32[2] key) or "
+        f"an integer step counter (a scalar); got dtype {x.dtype} and shape {x.shape}"
+    )
+
+
+def draw_pattern(key_or_step: jax.Array | int, layer_index: int | jax.Array,
+                 num_patterns: int) -> jax.Array:
+    """Draws a pattern index for one layer at one step: a traced int32 in ``[0, num_patterns)``.
+
+    Deterministic in its inputs: the same key (or step) and layer give the same draw, so the same
+    training step gives the same gradient. The key is ``key_or_step`` itself when it is a PRNG key
+    (a typed ``jax.random.key`` or a raw ``uint32[2]`` key), or ``fold_in(key(STEP_SEED), step)``
+    for an integer step counter (a Python int or an integer scalar, traced or not). Each layer
+    folds its index in, ``fold_in(key, layer_index)``, so layers draw independently, and the draw
+    is uniform: ``randint(key, (), 0, num_patterns)``. Works under ``jit`` and ``vmap``.
+
+    Args:
+      key_or_step: a PRNG key, or an integer step counter.
+      layer_index: the layer's index (an int or an integer scalar), distinct per layer.
+      num_patterns: the size of the pattern set (static, ≥ 1).
+
+    Returns:
+      An int32 scalar array, the index of the drawn pattern.
+
+    Raises:
+      TypeError: if ``key_or_step`` is neither a key nor an integer scalar.
+      ValueError: if ``num_patterns < 1`` or a typed key array is not a single key.
+
+    Example:
+      >>> import jax
+      >>> from fst_jax._masks import draw_pattern
+      >>> a = [int(draw_pattern(7, layer, 4)) for layer in range(6)]  # step 7, six layers
+      >>> a == [int(draw_pattern(7, layer, 4)) for layer in range(6)]  # deterministic
+      True
+      >>> draw = jax.jit(draw_pattern, static_argnums=2)(jax.random.key(0), 3, 4)
+      >>> draw.dtype, draw.shape, 0 <= int(draw) < 4
+      (dtype('int32'), (), True)
+    """
+    num_patterns = operator.index(num_patterns)
+    if num_patterns < 1:
+        raise ValueError(f"draw_pattern: num_patterns={num_patterns} must be at least 1")
+    key = jax.random.fold_in(_as_key(key_or_step), layer_index)
+    return jax.random.randint(key, (), 0, num_patterns, dtype=jnp.int32)

@@ -201,10 +201,12 @@ class Report:
 
         def cell(text: str, backend: str, note: str) -> str:
             if text.startswith("sparse"):
+                rotating = re.search(r"rotating\(\d+\)", text)  # the drawn pattern set's size
+                extra = f" {rotating.group(0)}" if rotating else ""
                 where = "" if backend == "xla" else f" {backend}"
                 if note and backend == "xla" and not text.endswith("compact)"):
-                    return f"sparse[{notes.setdefault(f'on xla: {note}', len(notes) + 1)}]"
-                return "sparse" + (" -" if backend == "none" else where)
+                    return f"sparse[{notes.setdefault(f'on xla: {note}', len(notes) + 1)}]" + extra
+                return "sparse" + (" -" if backend == "none" else where) + extra
             reason = text.removeprefix("dense: ")
             n = notes.setdefault(reason, len(notes) + 1)
             return f"dense[{n}]"

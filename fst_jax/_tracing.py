@@ -21,6 +21,11 @@ from fst_jax._config import FSTConfig
 from fst_jax._decisions import Decision, decide
 
 
+#: The keyword argument of a sparsified function that carries the rotating patterns' randomness
+#: (a PRNG key or a step counter); it is never passed on to the user's function.
+FST_KEY = "fst_key"
+
+
 def _as_tuple(x: int | Sequence[int], name: str) -> tuple[int, ...]:
     t = (x,) if isinstance(x, int) else tuple(x)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in t):
@@ -66,6 +71,9 @@ class Signature:
             raise ValueError(f"params_argnums and static_argnums overlap at {sorted(overlap)}: parameters must be arrays")
 
     def split(self, args: tuple, kwargs: dict) -> Split:
+        """The call's arguments split; the keyword ``fst_key`` (the rotating patterns' randomness,
+        handled by ``sparsify``) is not passed to the function and is ignored here."""
+        kwargs = {k: v for k, v in kwargs.items() if k != FST_KEY}
         n = len(args)
         for name, nums in (("params_argnums", self.params_argnums), ("static_argnums", self.static_argnums)):
             bad = [i for i in nums if not -n <= i < n]

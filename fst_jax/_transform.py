@@ -27,54 +27,149 @@ from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
 from fst_jax._dot import GemmPlan, sparse_dot
 from fst_jax._export import leaf_masks, sparse_uses
-from fst_jax._tracing import Signature, Traced, cache_key, trace, unflatten_outputs
+from fst_jax._masks import _as_key, draw_pattern
+from fst_jax._tracing import FST_KEY, Signature, Traced, cache_key, trace, unflatten_outputs
 
 #: How many rewritten signatures one sparsified function keeps (least recently used dropped).
 CACHE_SIZE = 32
 
 
 def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], plans: dict[tuple, GemmPlan],
-               below: frozenset[tuple], prefix: tuple[Any, ...] = ()) -> list[Any]:
-    """Evaluates ``jaxpr`` under the current trace with the planned matmuls rewritten."""
+               below: frozenset[tuple], prefix: tuple[Any, ...] = (),
+               choices: dict[tuple, Any] | None = None) -> list[Any]:
+    """Evaluates ``jaxpr`` under the current trace with the planned matmuls rewritten.
+
+    ``choices`` holds the drawn pattern index of each rotating matmul (by path): values of the
+    top-level trace, which matmuls inside sub-jaxprs close over (see :data:`CLOSURE`).
+    """
+    choices = {} if choices is None else choices
 
     def on_eqn(i: int, eqn: Any, invals: list[Any]) -> list[Any]:
         path = prefix + (i,)
         if path in plans:
             with _compat.eqn_context(eqn):
-                return [sparse_dot(invals[0], invals[1], plans[path])]
+                return [sparse_dot(invals[0], invals[1], plans[path], choices.get(path))]
         if path in below:
-            return REWRITE.get(eqn.primitive, _rewrite_subjaxprs)(eqn, invals, path, plans, below)
+            return REWRITE.get(eqn.primitive, _rewrite_subjaxprs)(eqn, invals, path, plans, below, choices)
         return _compat.bind_eqn(eqn, invals)
 
     return run_jaxpr(jaxpr, args, on_eqn, lambda v: v.val, consts)
 
 
+def _has_tracer_consts(closed: Any) -> bool:
+    return any(isinstance(c, _compat.Tracer) for c in _compat.open_jaxpr(closed)[1])
+
+
 def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans: dict[tuple, GemmPlan],
-                       below: frozenset[tuple]) -> list[Any]:
-    """Any higher-order primitive: re-trace each sub-jaxpr that holds a planned matmul, re-bind."""
-    params = dict(eqn.params)
+                       below: frozenset[tuple], choices: dict[tuple, Any]) -> list[Any]:
+    """Any higher-order primitive: re-trace each sub-jaxpr that holds a planned matmul, re-bind.
+
+    A re-traced body that closes over a value of an outer trace (the drawn choice of a rotating
+    matmul) has tracer constants, which a re-bound primitive cannot hold: such an equation is
+    re-invoked through the primitive's public API (:data:`CLOSURE`), which closure-converts.
+    """
+    new_subs: dict[tuple[str, int], Any] = {}
     for key, j, sub in subjaxprs(eqn.params):
         sub_path = path + (key, j)
         if sub_path not in below:
             continue
         jaxpr, consts = _compat.open_jaxpr(sub)
-        new = jax.make_jaxpr(lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
-                             _interpret(jaxpr, consts, a, plans, below, sub_path))(*[v.aval for v in jaxpr.invars])
-        new = _compat.like_param(sub, new, eqn.primitive.name)
+        new_subs[key, j] = jax.make_jaxpr(
+            lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
+            _interpret(jaxpr, consts, a, plans, below, sub_path, choices))(*[v.aval for v in jaxpr.invars])
+    if any(_has_tracer_consts(new) for new in new_subs.values()):
+        rule = CLOSURE.get(eqn.primitive)
+        if rule is None:
+            raise NotImplementedError(
+                f"fst_jax: a rotating-pattern matmul inside {eqn.primitive.name!r} is not supported (its "
+                "rewritten body closes over the drawn pattern); use a fixed pattern for that layer "
+                "(Rule(pattern=..., overrides={'pattern': 'checkerboard'})) or report this")
+        subs = {(key, j): new_subs.get((key, j), sub) for key, j, sub in subjaxprs(eqn.params)}
+        with _compat.eqn_context(eqn):
+            return list(rule(eqn, invals, subs))
+    params = dict(eqn.params)
+    for (key, j), new in new_subs.items():
+        new = _compat.like_param(params[key][j] if isinstance(params[key], tuple) else params[key], new,
+                                 eqn.primitive.name)
         params[key] = params[key][:j] + (new,) + params[key][j + 1:] if isinstance(params[key], tuple) else new
     return _compat.bind_eqn(eqn, invals, params)
 
 
 def _rewrite_shard_map(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans: dict[tuple, GemmPlan],
-                       below: frozenset[tuple]) -> list[Any]:
+                       below: frozenset[tuple], choices: dict[tuple, Any]) -> list[Any]:
     """shard_map re-traces its body itself, inside its manual-axes environment."""
     jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
     return _compat.bind_shard_map(
-        eqn, invals, lambda *a: _interpret(jaxpr, consts, a, plans, below, path + ("jaxpr", 0)))
+        eqn, invals, lambda *a: _interpret(jaxpr, consts, a, plans, below, path + ("jaxpr", 0), choices))
 
 
 #: The rewrite's table of higher-order primitives that need more than re-tracing their sub-jaxprs.
 REWRITE = {p: rule for p, rule in ((_compat.P["shard_map"], _rewrite_shard_map),) if p is not None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Closure conversion: a rewritten body that closes over values of the outer trace (the drawn choice
+# of a rotating matmul) is run through the primitive's public API, which turns those values into
+# operands. Each rule gets the equation, its operands and every sub-jaxpr (rewritten or not) by
+# (param name, index), and returns the outputs.
+
+
+def _body(closed: Any) -> Callable[..., list[Any]]:
+    """A closed jaxpr as a Python function (its constants, tracers included, closed over)."""
+    return lambda *a: _compat.eval_closed(closed, *a)
+
+
+def _closure_scan(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    n_consts, n_carry = _compat.scan_counts(eqn.params)
+    consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+    body = _body(subs["jaxpr", 0])
+
+    def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
+        outs = body(*consts, *carry, *x)
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = jax.lax.scan(step, list(init), list(xs), length=eqn.params["length"],
+                             reverse=eqn.params["reverse"], unroll=eqn.params["unroll"])
+    return [*carry, *ys]
+
+
+def _closure_while(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    nc, nb = _compat.while_counts(eqn.params)
+    c_consts, b_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+    cond, body = _body(subs["cond_jaxpr", 0]), _body(subs["body_jaxpr", 0])
+    return list(jax.lax.while_loop(lambda c: cond(*c_consts, *c)[0], lambda c: body(*b_consts, *c), list(init)))
+
+
+def _closure_cond(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    n = len(eqn.params["branches"])
+    branches = [_body(subs["branches", j]) for j in range(n)]
+    return list(jax.lax.switch(invals[0], branches, *invals[1:]))
+
+
+def _closure_remat(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    fun = jax.checkpoint(_body(subs["jaxpr", 0]), prevent_cse=eqn.params["prevent_cse"],
+                         policy=eqn.params["policy"])
+    return list(fun(*invals))
+
+
+def _closure_jit(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    body = _body(subs[_compat.CALL_JAXPR[eqn.primitive], 0])
+    body.__name__ = eqn.params.get("name", "jit")  # type: ignore[attr-defined]
+    return list(jax.jit(body)(*invals))
+
+
+def _closure_inline(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
+    return list(_body(subs[_compat.CALL_JAXPR[eqn.primitive], 0])(*invals))
+
+
+#: Closure conversion through the public API, by primitive (used only when a rewritten body has
+#: constants from an outer trace; otherwise the equation is re-bound with its new body).
+CLOSURE: dict[Any, Callable[[Any, list[Any], dict], list[Any]]] = {
+    p: rule for p, rule in (
+        (_compat.P["scan"], _closure_scan), (_compat.P["while"], _closure_while),
+        (_compat.P["cond"], _closure_cond), (_compat.P["remat"], _closure_remat),
+        (_compat.P["jit"], _closure_jit), (_compat.P["closed_call"], _closure_inline),
+    ) if p is not None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,17 +235,38 @@ def _taps(traced: Traced, shapes: Sequence[tuple[int, ...]]) -> _Taps | None:
 
 
 class _Entry:
-    """One cached signature: its trace and decisions, the rewritten jaxpr, its jitted form."""
+    """One cached signature: its trace and decisions, and per ``fst_key`` aval (``None`` when no
+    matmul rotates) the rewritten jaxpr and its jitted form."""
 
-    def __init__(self, traced: Traced, rewritten: Any, cacheable: bool):
+    def __init__(self, traced: Traced, cacheable: bool):
         self.traced = traced
-        self.rewritten = rewritten
         self.cacheable = cacheable
-        self.jitted = jax.jit(_compat.jaxpr_fun(rewritten)) if cacheable else None
+        self.rotating = rotating(traced)
+        self._rewrites: dict[Any, tuple[Any, Any]] = {}
+
+    def rewrite(self, key_spec: Any) -> tuple[Any, Any]:
+        """(rewritten closed jaxpr, its ``jax.jit`` or None) for an ``fst_key`` of ``key_spec``."""
+        hit = self._rewrites.get(key_spec)
+        if hit is None:
+            rewritten = _rewrite(self.traced, key_spec)
+            hit = (rewritten, jax.jit(_compat.jaxpr_fun(rewritten)) if self.cacheable else None)
+            if self.cacheable:
+                self._rewrites[key_spec] = hit
+        return hit
 
 
-def _rewrite(traced: Traced) -> Any:
-    """The rewritten closed jaxpr of a trace (the original one when nothing is sparse)."""
+def rotating(traced: Traced) -> bool:
+    """Whether a trace has a rotating-pattern matmul (and so needs ``fst_key``)."""
+    return any(d.plan is not None and d.plan.rotating for d in traced.decisions)
+
+
+def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
+    """The rewritten closed jaxpr of a trace (the original one when nothing is sparse).
+
+    With rotating-pattern matmuls, the jaxpr takes one more input, ``fst_key`` (of ``key_aval``),
+    and draws each such matmul's pattern from it once, at the top level:
+    ``draw_pattern(fst_key, decision.index, len(patterns))``.
+    """
     plans = {d.site.path: d.plan for d in traced.decisions if d.plan is not None}
     if not plans:
         return traced.jaxpr
@@ -160,16 +276,45 @@ def _rewrite(traced: Traced) -> Any:
     shapes = [tuple(a.shape) for a, p in zip(in_avals, traced.is_param) if p]
     taps = _taps(traced, shapes)
     where = [i for i, p in enumerate(traced.is_param) if p]  # flat position of each parameter leaf
+    draws = [(d.site.path, d.index, len(d.plan.patterns)) for d in traced.decisions
+             if d.plan is not None and d.plan.rotating]
 
     def flat_fn(*leaves: Any) -> list[Any]:
         leaves = list(leaves)
+        choices = {}
+        if draws:
+            key = leaves.pop()
+            choices = {path: draw_pattern(key, index, n) for path, index, n in draws}
         if taps is not None:  # SR-STE once per weight entry, however many times it is used
             tapped = _sr_ste_tap(taps, tuple(leaves[where[leaf]] for leaf in taps.read))
             for leaf, value in zip(taps.read, tapped):
                 leaves[where[leaf]] = value
-        return _interpret(jaxpr, consts, leaves, plans, below)
+        return _interpret(jaxpr, consts, leaves, plans, below, (), choices)
 
-    return jax.make_jaxpr(flat_fn)(*in_avals)
+    return jax.make_jaxpr(flat_fn)(*in_avals, *([key_aval] if draws else []))
+
+
+def _check_fst_key(fst_key: Any, traced: Traced, fn_name: str) -> Any:
+    """``fst_key`` as an array, or a clear error when it is missing or not a key or step."""
+    layers = [d.index for d in traced.decisions if d.plan is not None and d.plan.rotating]
+    if fst_key is None:
+        raise TypeError(
+            f"{fn_name}: a rotating pattern (FSTConfig.pattern={traced.config.pattern!r} or a rule's override; "
+            f"matmuls {layers}) draws each layer's grad-weight token pattern per step from the keyword argument "
+            f"`fst_key`, and this call passed none. Pass a step counter or a PRNG key, e.g. "
+            f"`jax.grad(loss)(params, batch, fst_key=step)` inside your jitted train step (a traced step: one "
+            f"compile serves every step), or `fst_key=jax.random.fold_in(key, step)`; or use a fixed pattern "
+            f"(FSTConfig(pattern='checkerboard'), 'even' or 'odd'), which needs no key.")
+    if isinstance(fst_key, (bool, float, str)):
+        raise TypeError(f"{fn_name}: fst_key must be a PRNG key (jax.random.key(...) or a raw uint32[2] key) or an "
+                        f"integer step counter, got {type(fst_key).__name__} ({fst_key!r:.60})")
+    if not isinstance(fst_key, (jax.Array, _compat.Tracer)):
+        fst_key = jnp.asarray(fst_key)
+    try:
+        jax.eval_shape(_as_key, fst_key)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{fn_name}: fst_key: " + str(e).replace("draw_pattern: ", "")) from None
+    return fst_key
 
 
 _FORWARD_MODE_ERROR = (
@@ -204,6 +349,17 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
     ``static_argnames`` make whole arguments static. Non-array outputs (e.g. a string in the
     auxiliary output of ``jax.value_and_grad(..., has_aux=True)``) are returned as traced.
 
+    **Rotating patterns** (``FSTConfig(pattern="rotating")`` or a tuple of pattern names): the
+    sparsified function takes one more keyword argument, ``fst_key``: a PRNG key
+    (``jax.random.key(...)`` or a raw ``uint32[2]`` key) or an integer step counter, traced (one
+    compiled step serves every step; only its shape and dtype key the cache). It is not passed to
+    ``fn``. Each rotating matmul draws its grad-weight token pattern from it once per call,
+    ``draw_pattern(fst_key, matmul index, len(set))``: the same key gives the same gradient, and
+    layers draw independently. Without ``fst_key`` a rotating config raises a ``TypeError``
+    naming it; a fixed pattern accepts and ignores it (so a training loop can always pass it), as
+    do :func:`report`, :func:`forward_masks` and :func:`pruned_params`. The name ``fst_key`` is
+    therefore reserved: ``fn`` cannot take a keyword argument of that name.
+
     Args:
       fn: the function, typically a loss ``loss(params, batch)``; pytrees in and out.
       config: an :class:`FSTConfig`; ``None`` means ``FSTConfig()``, the paper's recipe.
@@ -232,6 +388,19 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
       >>> grads = jax.jit(jax.grad(fst_jax.sparsify(loss)))(params, x)
       >>> [g.shape for g in jax.tree.leaves(grads)]
       [(8, 16), (16, 16), (16, 4)]
+
+      With the authors' rotating patterns, pass the step (or a key) as ``fst_key``:
+
+      >>> loss_rot = fst_jax.sparsify(loss, fst_jax.FSTConfig(pattern="rotating"))
+      >>> step_grad = jax.jit(lambda p, x, step: jax.grad(loss_rot)(p, x, fst_key=step))
+      >>> g0 = step_grad(params, x, jnp.int32(0))  # compiles once for every step
+      >>> bool(jnp.array_equal(g0["w2"], step_grad(params, x, jnp.int32(0))["w2"]))
+      True
+      >>> try:
+      ...     loss_rot(params, x)
+      ... except TypeError as e:
+      ...     print(str(e)[:54])
+      loss: a rotating pattern (FSTConfig.pattern='rotating'
     """
     config = FSTConfig() if config is None else config
     if not isinstance(config, FSTConfig):
@@ -250,7 +419,7 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
         traced = trace(fn, sig, config, split)
         consts = _compat.open_jaxpr(traced.jaxpr)[1]
         cacheable = not any(isinstance(c, _compat.Tracer) for c in consts)
-        entry = _Entry(traced, _rewrite(traced), cacheable)
+        entry = _Entry(traced, cacheable)
         if cacheable:
             cache[key] = entry
             while len(cache) > CACHE_SIZE:
@@ -259,11 +428,18 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
 
     @functools.wraps(fn)
     def sparsified(*args: Any, **kwargs: Any) -> Any:
+        fst_key = kwargs.pop(FST_KEY, None)
         split = sig.split(args, kwargs)
         entry = entry_for(split)
+        leaves = list(split.leaves)
+        key_spec = None
+        if entry.rotating:
+            fst_key = _check_fst_key(fst_key, entry.traced, sig.fn_name)
+            key_spec = jax.typeof(fst_key)
+            leaves.append(fst_key)
+        rewritten, jitted = entry.rewrite(key_spec)
         try:
-            outs = entry.jitted(*split.leaves) if entry.jitted is not None \
-                else _compat.eval_closed(entry.rewritten, *split.leaves)
+            outs = jitted(*leaves) if jitted is not None else _compat.eval_closed(rewritten, *leaves)
         except TypeError as e:
             if "forward-mode" in str(e) or "jvp" in str(e) and "custom_vjp" in str(e):
                 raise TypeError(_FORWARD_MODE_ERROR) from e

@@ -22,7 +22,7 @@ NOTEBOOKS = ROOT / "notebooks"
 
 # Public submodules whose ``__all__`` is documented besides ``fst_jax.__all__``.
 SUBMODULES = ("fst_jax.optax", "fst_jax.kernels", "fst_jax.cusparselt", "fst_jax.models",
-              "fst_jax.train")
+              "fst_jax.train", "fst_jax.text")
 NOTEBOOK_NAMES = ("01_quickstart", "02_training", "03_kernels")
 
 # ``.. autofunction:: fst_jax.x`` (reStructuredText) and ```{autofunction} fst_jax.x (MyST).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 
 import fst_jax
-from fst_jax._config import FSTConfig
+from fst_jax._config import FSTConfig, pattern_set
 from fst_jax.train.data import DATASETS, DEFAULT_STEPS, MNIST1D_SEED, MODELS, batch_indices, load_dataset
 from fst_jax.train.loop import (
     DEFAULT_LR,
@@ -72,6 +73,8 @@ def _parse_value(name: str, raw: str, default: object) -> object:
             raise ValueError(f"FSTConfig.{name}={raw!r} is not a finite float")
         return value
     if isinstance(default, str):
+        if name == "pattern" and "," in text:  # a rotating set: pattern=even,odd
+            return tuple(part.strip() for part in text.split(","))
         return text
     raise ValueError(
         f"FSTConfig.{name} cannot be set from the command line (it is a {type(default).__name__}); "
@@ -376,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fst_loss_fn = fst_jax.sparsify(loss_fn, config)
     fst_predict_fn = fst_jax.sparsify(predict_fn, config)
+    rotating = pattern_set(config.pattern) is not None or any(
+        pattern_set(dict(r.overrides).get("pattern")) is not None for r in config.rules)
+    if rotating:  # the forward product does not use the drawn pattern: any key evaluates the same
+        fst_predict_fn = functools.partial(fst_predict_fn, fst_key=0)
     variants = (("dense", loss_fn, predict_fn), ("fst", fst_loss_fn, fst_predict_fn))
     tx = make_optimizer(args.optimizer, lr, args.steps, args.schedule)
 
@@ -408,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trained, runs[variant] = train_run(
                 variant, lf, pf, params, data, batches, tx,
                 eval_every=eval_every, quiet=args.quiet, cache=caches[variant],
+                fst_key=rotating and variant == "fst",
             )
             if variant == "fst":
                 # The model FST trained is the 2:4 one: export it as a user would and evaluate it

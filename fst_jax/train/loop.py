@@ -207,6 +207,7 @@ def train_run(
     eval_every: int,
     quiet: bool = False,
     cache: dict[Any, Any] | None = None,
+    fst_key: bool = False,
 ) -> tuple[Params, RunResult]:
     """Trains ``params`` on ``data`` for ``len(batches)`` steps.
 
@@ -228,6 +229,8 @@ def train_run(
       cache: a dict to keep the compiled step and evaluation in, for the next call with the same
         ``loss_fn``, ``predict_fn`` and ``tx`` objects and the same shapes (another seed); such a
         call reports ``compile_s = 0.0``.
+      fst_key: pass the step number (0-based, traced) to ``loss_fn`` as ``fst_key=``: what a
+        sparsified loss with a rotating pattern (``FSTConfig(pattern="rotating")``) draws from.
 
     Returns:
       The trained parameters and the :class:`RunResult`.
@@ -250,10 +253,10 @@ def train_run(
     steps = len(batches)
 
     def step(
-        p: Params, opt_state: Any, x: jax.Array, y: jax.Array, idx: jax.Array
+        p: Params, opt_state: Any, x: jax.Array, y: jax.Array, idx: jax.Array, i: jax.Array
     ) -> tuple[Params, Any, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(
-            p, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+            p, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), **({"fst_key": i} if fst_key else {})
         )
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
@@ -263,6 +266,7 @@ def train_run(
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_all, y_all = _all_examples(data)
     idx_rows = [jnp.asarray(b) for b in batches]  # on device before the timed loop
+    step_nums = [jnp.int32(i) for i in range(steps)]
     opt_state = tx.init(params)
     result = RunResult(variant=variant)
 
@@ -282,7 +286,7 @@ def train_run(
         step_c, eval_c = cache[key]
     else:
         t0 = time.perf_counter()
-        step_c = jax.jit(step).lower(params, opt_state, x_train, y_train, idx_rows[0]).compile()
+        step_c = jax.jit(step).lower(params, opt_state, x_train, y_train, idx_rows[0], step_nums[0]).compile()
         result.compile_s = time.perf_counter() - t0
         eval_c = jax.jit(evaluate)
         if cache is not None:
@@ -303,7 +307,7 @@ def train_run(
     with bar:
         for i in range(steps):
             t = time.perf_counter()
-            params, opt_state, loss = step_c(params, opt_state, x_train, y_train, idx_rows[i])
+            params, opt_state, loss = step_c(params, opt_state, x_train, y_train, idx_rows[i], step_nums[i])
             loss.block_until_ready()
             result.step_times_ms.append(1e3 * (time.perf_counter() - t))
             result.loss_steps.append(i + 1)
