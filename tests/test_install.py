@@ -19,7 +19,7 @@ import fst_jax
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 # The modules that need an extra, and the extra; everything else in fst_jax/ is the library.
-EXTRA_MODULES = {"optax.py": "optax", "models.py": "examples", "train": "examples"}
+EXTRA_MODULES = {"optax.py": "optax", "models.py": "examples", "text.py": "examples", "train": "examples"}
 # Import names that differ from the distribution names.
 DIST_NAME = {"sklearn": "scikit-learn"}
 
@@ -126,7 +126,7 @@ def test_test_extra_covers_the_tests_and_benchmarks() -> None:
     jax: jaxlib, ml_dtypes)."""
     files = [ROOT / "conftest.py", *sorted((ROOT / "tests").glob("*.py")),
              *sorted((ROOT / "benchmarks").glob("*.py"))]
-    local = {"benchmarks", "references"}
+    local = {"benchmarks", "references", "test_patterns"}  # tests that import another test module
     with_jax = {"jaxlib", "ml_dtypes"}
     have = _extra("test") | _names(PYPROJECT["dependencies"]) | with_jax
     # the GPU benchmark's peer, run in its own process only where torch is installed (the GPU machine)
