@@ -86,6 +86,19 @@ def jaxpr_fun(closed: Any) -> Callable[..., list[Any]]:
     return jex.jaxpr_as_fun(closed)
 
 
+try:  # jax >= 0.11
+    from jax._src import flattree as _ft
+
+    def _flat_tree(values: Any, aux: Any) -> Any:
+        return _ft.flatten(values).with_aux(aux)
+
+except ImportError:  # jax 0.10
+    from jax._src.tree_util import FlatTree as _FlatTree
+
+    def _flat_tree(values: Any, aux: Any) -> Any:
+        return _FlatTree.flatten(values).with_aux(aux)
+
+
 def open_jaxpr(j: Any) -> tuple[Any, list[Any]]:
     """(open jaxpr, consts) of a jaxpr-valued parameter, closed or open, in any version."""
     if isinstance(j, jex.ClosedJaxpr) and hasattr(j, "jaxpr") and j.jaxpr is not j:

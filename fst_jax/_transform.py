@@ -249,7 +249,9 @@ class _Entry:
         hit = self._rewrites.get(key_spec)
         if hit is None:
             rewritten = _rewrite(self.traced, key_spec)
-            hit = (rewritten, jax.jit(_compat.jaxpr_fun(rewritten)) if self.cacheable else None)
+            # nothing rewritten: evaluated as traced (bit-identical to calling fn), else one jit
+            jit = self.cacheable and rewritten is not self.traced.jaxpr
+            hit = (rewritten, jax.jit(_compat.jaxpr_fun(rewritten)) if jit else None)
             if self.cacheable:
                 self._rewrites[key_spec] = hit
         return hit

@@ -293,12 +293,23 @@ def test_compact_equals_masked(dn, xs, ws, strides, padding, dil, pattern):
     assert not np.allclose(compact[1], dense[1], rtol=1e-3, atol=1e-3)  # the grad-weight is sparse
 
 
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of its sub-jaxprs (a jit's body, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for v in eqn.params.values():
+            for j in v if isinstance(v, tuple) else (v,):
+                inner = getattr(j, "jaxpr", j)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)
+
+
 def grad_weight_flops(fn, cfg, w, x):
     """FLOPs of the backward-filter convolutions (those whose output is the weight's shape, up to
     the halved input channels of the checkerboard) in the backward pass of ``fn``."""
     y, pull = jax.vjp(fst_jax.sparsify(fn, cfg), w, x)
     total = 0
-    for eqn in jax.make_jaxpr(pull)(jnp.ones_like(y)).eqns:
+    for eqn in _all_eqns(jax.make_jaxpr(pull)(jnp.ones_like(y)).jaxpr):
         out = eqn.outvars[0].aval.shape
         if eqn.primitive is lax.conv_general_dilated_p and len(out) == w.ndim and math.prod(out) in (
                 w.size, w.size // 2):
