@@ -6,24 +6,40 @@
 #    and every docstring example, then builds the docs with warnings as errors, which executes the
 #    notebooks (docs/_build/html).
 # 2. Python 3.12 with jax 0.11.2, the GPU machine's version, when a Python 3.12 is installed
-#    (pyenv's 3.12.x or python3.12 on PATH): .venv312, then the same suite. Skipped with a notice
-#    when there is no Python 3.12.
+#    (pyenv's 3.12.x or python3.12 on PATH): .venv312, then the tests of the code that depends on
+#    the jax version (the transform, export, report, compact and conv paths, the Pallas kernels and
+#    their CUDA lowering, cuSPARSELt, rotating patterns, Flax models) and the library's docstring
+#    examples; the main job's and the benchmarks' smoke tests run on 3.11 only, to keep CI short.
+#    Skipped with a notice when there is no Python 3.12.
 # 3. The lean install: .venv-lean with `pip install -e .` alone (no extras) gets none of flax,
 #    optax, scikit-learn, tqdm, matplotlib, mnist1d, and sparsifies a loss there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-run_suite() {  # $1: venv dir, $2: python, $3: the package's extras, $4...: extra pip requirements
-  local venv=$1 py=$2 extras=$3; shift 3
+# The jax-version-dependent tests that the Python 3.12 / jax 0.11.2 run repeats.
+VERSION_TESTS=(tests/test_core_v2.py tests/test_model_patterns.py tests/test_transform.py tests/test_export.py
+               tests/test_report.py tests/test_config.py tests/test_compact.py tests/test_conv.py
+               tests/test_gemms.py tests/test_flax.py tests/test_optax.py tests/test_kernels.py
+               tests/test_pallas_backend.py tests/test_cusparselt.py tests/test_cusparselt_backend.py
+               tests/test_rotating_sparsify.py tests/test_masks.py
+               fst_jax/_config.py fst_jax/_masks.py fst_jax/_transform.py fst_jax/_export.py fst_jax/_report.py
+               fst_jax/_rotate.py fst_jax/kernels fst_jax/cusparselt)
+
+run_suite() {  # $1: venv dir, $2: python, $3: the package's extras, $4: what to test, $5...: extra pip requirements
+  local venv=$1 py=$2 extras=$3 what=$4; shift 4
   echo "== $venv: $("$py" --version)"
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   "$venv/bin/pip" install -q -e ".[$extras]" "$@"
   "$venv/bin/python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'
-  "$venv/bin/python" -m pytest -q -n 2 tests fst_jax --doctest-modules
+  if [ "$what" = all ]; then
+    "$venv/bin/python" -m pytest -q -n 2 tests fst_jax --doctest-modules
+  else
+    "$venv/bin/python" -m pytest -q -n 2 --doctest-modules "${VERSION_TESTS[@]}"
+  fi
 }
 
-run_suite .venv "${PYTHON:-python3}" test,docs
+run_suite .venv "${PYTHON:-python3}" test,docs all
 echo "== docs: sphinx -W (executes the pages and notebooks/)"
 .venv/bin/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
@@ -34,7 +50,7 @@ if command -v pyenv >/dev/null 2>&1; then
 fi
 [ -z "$py312" ] && command -v python3.12 >/dev/null 2>&1 && py312=$(command -v python3.12)
 if [ -n "$py312" ]; then
-  run_suite .venv312 "$py312" test 'jax==0.11.2' 'jaxlib==0.11.2'
+  run_suite .venv312 "$py312" test version 'jax==0.11.2' 'jaxlib==0.11.2'
 else
   echo "== no Python 3.12 found: the jax 0.11.2 run was NOT done (install Python 3.12 to run it)"
 fi
