@@ -81,6 +81,21 @@ def eval_closed(closed: Any, *args: Any) -> list[Any]:
     return jex.jaxpr_as_fun(closed)(*args)
 
 
+@contextlib.contextmanager
+def concrete_eval() -> Iterator[None]:
+    """Evaluates jax ops eagerly here, even under a trace (``jax.ensure_compile_time_eval``).
+
+    On jax >= 0.11 also outside any abstract mesh: eager dispatch under the abstract GPU mesh of
+    :func:`lower_for_cuda` (or a user's) would demand ``lowering_platforms``.
+    """
+    if JAX_VERSION < (0, 11):
+        with jax.ensure_compile_time_eval():
+            yield
+        return
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), jax.ensure_compile_time_eval():
+        yield
+
+
 def jaxpr_fun(closed: Any) -> Callable[..., list[Any]]:
     """A closed jaxpr as a Python function of its inputs."""
     return jex.jaxpr_as_fun(closed)
@@ -119,14 +134,16 @@ def while_counts(params: dict[str, Any]) -> tuple[int, int]:
     return params["cond_nconsts"], params["body_nconsts"]
 
 
-def bind_eqn(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
-    """Re-binds an equation under the current trace, keeping its name stack and context."""
+def bind_eqn(eqn: Any, invals: Sequence[Any], params: dict[str, Any] | None = None,
+             context: bool = True) -> list[Any]:
+    """Re-binds an equation under the current trace, keeping its name stack and context
+    (``context=False``: without the trace-time context, e.g. its abstract mesh, for eager use)."""
     params = eqn.params if params is None else params
     bind_params = eqn.primitive.get_bind_params(params)
     if isinstance(bind_params, tuple):  # jax <= 0.9.1 returned (subfuns, params)
         subfuns, bind_params = bind_params
         invals = [*subfuns, *invals]
-    with eqn_context(eqn):
+    with eqn_context(eqn) if context else contextlib.nullcontext():
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
 

@@ -68,7 +68,7 @@ def replay(view: View, arrays: Sequence[jax.Array], index: bool = False) -> jax.
     def apply(*ys: jax.Array) -> jax.Array:
         it = iter(ys)
         invals = [v.val if isinstance(v, _compat.Literal) else next(it) for v in eqn.invars]
-        return _compat.bind_eqn(eqn, invals)[out_index]
+        return _compat.bind_eqn(eqn, invals, context=not index)[out_index]
 
     for _ in range(view.mapped):
         apply = jax.vmap(apply)
@@ -100,7 +100,7 @@ def sparse_uses(decisions: Sequence[Decision], shapes: Sequence[tuple[int, ...]]
     views = [d for d in decisions if d.plan is not None and d.plan.forward]
     if not views:
         return uses, bad
-    with jax.ensure_compile_time_eval():
+    with _compat.concrete_eval():  # static index arrays
         iotas = [jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.int32).reshape(s) for i, s in enumerate(shapes)]
         for d in views:
             w = (d.site.lhs, d.site.rhs)[d.weight_side].view
