@@ -39,7 +39,7 @@ from fst_jax import _compat, _masks
 from fst_jax._analysis import VALUE_OPS, Broken, View
 from fst_jax._config import FSTConfig
 from fst_jax._decisions import Decision
-from fst_jax._tracing import Signature, trace
+from fst_jax._tracing import Signature, check_call, trace
 
 
 def forward_mask(decision: Decision, w: jax.Array) -> jax.Array:
@@ -272,8 +272,7 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
       >>> masks.not_exportable
       {'': 'reaches sparse matmul #0 through mul'}
     """
-    sig = _signature(fn, config, params_argnums, static_argnums, static_argnames)
-    config = FSTConfig() if config is None else config
+    config, sig = check_call(fn, config, params_argnums, static_argnums, static_argnames)
 
     def run(*args: Any, **kwargs: Any) -> Masks:
         split = sig.split(args, kwargs)
@@ -327,14 +326,6 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
         return Masks(_param_tree(sig, args, masks), paths, tuple(shapes), not_exportable, unmasked, used_by)
 
     return run
-
-
-def _signature(fn: Callable, config: Any, params_argnums: Any, static_argnums: Any, static_argnames: Any) -> Signature:
-    if config is not None and not isinstance(config, FSTConfig):
-        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    return Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
 
 
 def _why_unmasked(decisions: Sequence[Decision], leaf: int) -> str:

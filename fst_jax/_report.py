@@ -11,7 +11,7 @@ from typing import Any
 from fst_jax import _compat
 from fst_jax._config import FSTConfig
 from fst_jax._decisions import Decision, flops
-from fst_jax._tracing import Signature, trace
+from fst_jax._tracing import check_call, trace
 
 _GEMMS = ("forward", "grad_input", "grad_weight")
 #: Width of the default table.
@@ -270,12 +270,7 @@ def report(fn: Callable, config: FSTConfig | None = None, *, params_argnums: int
       >>> [r.forward for r in rep.rows]
       ['dense: first weight matmul (skip_first)', 'sparse', 'dense: last weight matmul (skip_last)']
     """
-    config = FSTConfig() if config is None else config
-    if not isinstance(config, FSTConfig):
-        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    sig = Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
+    config, sig = check_call(fn, config, params_argnums, static_argnums, static_argnames)
 
     def run(*args: Any, **kwargs: Any) -> Report:
         traced = trace(fn, sig, config, sig.split(args, kwargs))

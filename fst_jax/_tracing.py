@@ -132,6 +132,19 @@ class Signature:
         return tuple(args), {**dyn_kwargs, **dict(static_kw)}
 
 
+def check_call(fn: Callable, config: FSTConfig | None, params_argnums: int | Sequence[int],
+               static_argnums: int | Sequence[int], static_argnames: str | Sequence[str]
+               ) -> tuple[FSTConfig, Signature]:
+    """(the config, ``FSTConfig()`` for None, and the signature) of a ``sparsify``-style call,
+    with the errors ``sparsify``, ``report`` and ``forward_masks`` share."""
+    if config is not None and not isinstance(config, FSTConfig):
+        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    sig = Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
+    return FSTConfig() if config is None else config, sig
+
+
 def _arg_label(pos: int | None, kwargs_key: Any = None, tail: str = "") -> str:
     """How an error names a non-parameter leaf: ``args[1]['x']`` or ``kwargs['x']``."""
     head = f"args[{pos}]" if pos is not None else f"kwargs{jax.tree_util.keystr((kwargs_key,))}"

@@ -28,7 +28,7 @@ from fst_jax._decisions import sr_ste_coefficient
 from fst_jax._dot import GemmPlan, sparse_dot
 from fst_jax._export import leaf_masks, sparse_uses
 from fst_jax._masks import _as_key, draw_pattern
-from fst_jax._tracing import FST_KEY, Signature, Traced, cache_key, trace, unflatten_outputs
+from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
 
 #: How many rewritten signatures one sparsified function keeps (least recently used dropped).
 CACHE_SIZE = 32
@@ -404,12 +404,7 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
       ...     print(str(e)[:54])
       loss: a rotating pattern (FSTConfig.pattern='rotating'
     """
-    config = FSTConfig() if config is None else config
-    if not isinstance(config, FSTConfig):
-        raise TypeError(f"config must be an fst_jax.FSTConfig or None, got {type(config).__name__}")
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-    sig = Signature(getattr(fn, "__name__", "fn"), params_argnums, static_argnums, static_argnames)
+    config, sig = check_call(fn, config, params_argnums, static_argnums, static_argnames)
     cache: collections.OrderedDict[Any, _Entry] = collections.OrderedDict()
 
     def entry_for(split: Any) -> _Entry:
