@@ -803,35 +803,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta["note"] = INTERPRET_NOTE
         print(INTERPRET_NOTE, file=sys.stderr)
 
-    stages = ["ceilings", "prune_compress_2to4", "sparse_matmul", "grad_weight_shift checkerboard",
-              "grad_weight_shift even", "train step"]
+    stages = ["ceilings", "prune_compress_2to4", "sparse_matmul", "grad_weight_shift (checkerboard, even)",
+              "train step"]
     bar = tqdm(total=len(stages), desc="gpu kernels", unit="section", file=sys.stderr, dynamic_ncols=True)
     t_start = time.perf_counter()
     timing = dict(warmup=warmup, runs=runs, min_run_s=min_run_s)
+    results: dict[str, Any] = {"meta": meta}
+
+    def section(key: str, label: str, fn: Callable[[], Any]) -> Any:
+        # each section's result is written as soon as it exists, so a run cut off by a timeout
+        # (the GPU machine's lease is short) still leaves the sections it finished
+        bar.set_postfix_str(label)
+        results[key] = fn()
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        bar.update(1)
+        return results[key]
+
     with ignore_triton_deprecation():
-        bar.set_postfix_str(stages[0])
-        ceilings = bench_ceilings(sh, **timing)
-        bar.update(1)
-        bar.set_postfix_str(stages[1])
-        prune = bench_prune(sh, interpret, quick, ceilings["copy"]["gb_s"], **timing)
-        bar.update(1)
-        bar.set_postfix_str(stages[2])
-        spmm = bench_spmm(sh, interpret, quick, **timing)
-        bar.update(1)
-        gws = []
-        for i, pattern in enumerate(("checkerboard", "even")):
-            bar.set_postfix_str(stages[3 + i])
-            gws.append(bench_gws(sh, pattern, interpret, quick, sweep=pattern == "checkerboard", **timing))
-            bar.update(1)
-        bar.set_postfix_str(stages[5])
-        train = bench_train(sh, **timing)
-        bar.update(1)
+        ceilings = section("ceilings", stages[0], lambda: bench_ceilings(sh, **timing))
+        prune = section("prune_compress", stages[1], lambda: bench_prune(
+            sh, interpret, quick, ceilings["copy"]["gb_s"], **timing))
+        spmm = section("sparse_matmul", stages[2], lambda: bench_spmm(sh, interpret, quick, **timing))
+        gws = section("grad_weight_shift", stages[3], lambda: [
+            bench_gws(sh, pattern, interpret, quick, sweep=pattern == "checkerboard", **timing)
+            for pattern in ("checkerboard", "even")])
+        section("train_step", stages[4], lambda: bench_train(sh, **timing))
     bar.close()
     meta["loadavg_end"] = cpu_suite._loadavg()
     meta["wall_s"] = time.perf_counter() - t_start
 
-    results: dict[str, Any] = {"meta": meta, "ceilings": ceilings, "prune_compress": prune,
-                               "sparse_matmul": spmm, "grad_weight_shift": gws, "train_step": train}
     results["targets"] = target_items(results, interpret)
     text = tables(results, interpret)
     print(text)
