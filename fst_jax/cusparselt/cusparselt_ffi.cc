@@ -191,13 +191,23 @@ ffi::ErrorOr<SparseDesc*> GetSparseDesc(DeviceState* st, int64_t n, int64_t k, c
   return out;
 }
 
+// XLA's FFI scratch allocator refuses any alignment above 16 bytes ("Unsupported alignment",
+// xla/ffi/ffi_api.cc kMaxAlignment; seen on an H200 with jax 0.11.2): ask for 16, which is what
+// cuSPARSELt requires of its pointers, and check what came back (XLA's BFC allocator hands out
+// 256-byte-aligned blocks).
+constexpr size_t kScratchAlignment = 16;
+
 ffi::ErrorOr<void*> Scratch(ffi::ScratchAllocator& scratch, size_t bytes) {
   if (bytes == 0) return static_cast<void*>(nullptr);
-  auto p = scratch.Allocate(bytes, 256);
+  auto p = scratch.Allocate(bytes, kScratchAlignment);
   if (!p.has_value())
     return ffi::Unexpected(ffi::Error::Internal(
         "fst_jax.cusparselt: XLA's scratch allocator could not allocate " + std::to_string(bytes) +
-        " bytes"));
+        " bytes (alignment " + std::to_string(kScratchAlignment) + ")"));
+  if (reinterpret_cast<uintptr_t>(*p) % kScratchAlignment != 0)
+    return ffi::Unexpected(ffi::Error::Internal(
+        "fst_jax.cusparselt: XLA's scratch allocator returned a pointer not aligned to " +
+        std::to_string(kScratchAlignment) + " bytes"));
   return *p;
 }
 
