@@ -247,6 +247,10 @@ ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   if (check) {
     auto valid = Scratch(scratch, sizeof(int));
     if (!valid.has_value()) return valid.error();
+    // Reset the flag first: scratch memory holds whatever was there before. On the H200 (2026-11-29)
+    // a valid operand was rejected without this reset, presumably because the check writes only a
+    // nonzero flag; not yet re-run on a GPU with it.
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(*valid, 0, sizeof(int), stream), "cudaMemsetAsync (valid)");
     LT_RETURN_IF_ERROR(cusparseLtSpMMAPruneCheck2(&st->handle, &d->desc, 1,
                                                   CUSPARSE_OPERATION_NON_TRANSPOSE,
                                                   dense.untyped_data(), static_cast<int*>(*valid),
