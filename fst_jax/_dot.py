@@ -8,9 +8,14 @@
 * grad-weight ``dW = (M ⊙ A)ᵀ·dY' + λ(1−m_f)⊙W``  ``dY'[t] = dY[t] + s·dY[t−1]``
 
 with each product switched to its alternative or to dense by the static :class:`GemmPlan`. The
-grad-input and grad-weight products are formed with ``jax.vjp`` of the original ``dot_general`` /
-``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are exactly
-those of JAX's own transpose rules; the masks are recomputed in the backward pass, not stored.
+weight is **prepared** once (:func:`prepare`: the masks, ``W_f`` and ``W_b``, with the
+straight-through estimator as its derivative), and the matmul (:func:`_fst_dot`, one
+``custom_vjp`` for fixed and rotating patterns) takes ``W_f`` and the bool mask of ``W_b``: the
+backward pass keeps the weight and that mask, and recomputes no mask. :mod:`fst_jax._transform` prepares a loop-invariant weight once
+outside its loop and shares it between the matmuls that use it. The grad-input and grad-weight
+products are formed with ``jax.vjp`` of the original ``dot_general`` / ``conv_general_dilated``
+on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
+transpose rules.
 
 Compact mode computes the grad-weight product from the kept half of the tokens only: strided
 slices of a matmul's activation, or for a convolution backward-filter convolutions over sub-grids
@@ -25,7 +30,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,24 +104,79 @@ def _dot(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> jax.Array:
     return prim.bind(lhs, rhs, **plan.params)
 
 
-def _forward_weight(plan: GemmPlan, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """(W_f, mask_f): the weight of the forward product and its mask (None when dense)."""
-    if not plan.forward:
-        return w, None
-    if plan.grad_input == "transposable":
-        mask = _masks.transposable_mask_2to4(w, axes=(plan.k_axis, plan.o_axis))
+class WeightSpec(NamedTuple):
+    """What a weight's prepared forms depend on (static): the matmuls that agree on it can share
+    one :func:`prepare` of the same weight."""
+
+    forward: bool
+    grad_input: str
+    k_axis: int
+    o_axis: int | None
+    sr_ste: float  # > 0: SR-STE added in :func:`prepare` 's backward pass (the weight is not a view)
+
+
+def weight_spec(plan: GemmPlan) -> WeightSpec:
+    return WeightSpec(plan.forward, plan.grad_input, plan.k_axis, plan.o_axis, plan.sr_ste)
+
+
+def _prepared(spec: WeightSpec, w: jax.Array, mask_f: jax.Array | None) -> tuple[jax.Array, Any, Any]:
+    """(W_f, keep_b, mask_f): the weight of the forward product, the mask of the grad-input
+    product's weight ``W_b = where(keep_b, W, 0)`` (None: ``W_b = W``) and the forward mask (None
+    when the forward product is dense); ``mask_f`` is computed unless given."""
+    transposable = spec.grad_input == "transposable"
+    if spec.forward:
+        if mask_f is None:
+            mask_f = _masks.weight_mask(w, spec.k_axis, spec.o_axis, transposable)
+        w_f = _masks.apply_mask(w, mask_f)
     else:
-        mask = _masks.mask_2to4(w, axis=plan.k_axis)
-    return _masks.apply_mask(w, mask), mask
+        w_f, mask_f = w, None
+    if spec.grad_input == "prune_output_dim":
+        keep_b = _masks.mask_2to4(w_f, axis=spec.o_axis)
+        keep_b = keep_b if mask_f is None else jnp.logical_and(keep_b, mask_f)
+    elif transposable and not spec.forward:
+        keep_b = _masks.weight_mask(w, spec.k_axis, spec.o_axis, True)
+    else:
+        keep_b = mask_f
+    return w_f, keep_b, mask_f
 
 
-def _backward_weight(plan: GemmPlan, w: jax.Array, w_f: jax.Array) -> jax.Array:
-    """W_b: the weight of the grad-input product."""
-    if plan.grad_input == "prune_output_dim":
-        return _masks.apply_mask(w_f, _masks.mask_2to4(w_f, axis=plan.o_axis))
-    if plan.grad_input == "transposable" and not plan.forward:
-        return _masks.apply_mask(w, _masks.transposable_mask_2to4(w, axes=(plan.k_axis, plan.o_axis)))
-    return w_f
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _prepare(spec: WeightSpec, w: jax.Array, mask_f: Any) -> tuple[jax.Array, Any]:
+    w_f, keep_b, _ = _prepared(spec, w, mask_f)
+    return w_f, keep_b
+
+
+def _prepare_fwd(spec: WeightSpec, w: jax.Array, mask_f: Any):
+    w_f, keep_b, mask_f = _prepared(spec, w, mask_f)
+    return (w_f, keep_b), ((w, mask_f) if spec.sr_ste and mask_f is not None else None)
+
+
+def _prepare_bwd(spec: WeightSpec, res: Any, g: tuple[jax.Array, Any]):
+    d_w = g[0]  # the straight-through estimator: the forward mask passes the gradient
+    if res is not None:
+        w, mask_f = res
+        d_w = d_w + (spec.sr_ste * jnp.where(mask_f, jnp.zeros_like(w), w)).astype(d_w.dtype)
+    return d_w, None
+
+
+_prepare.defvjp(_prepare_fwd, _prepare_bwd)
+
+
+def prepare(w: jax.Array, spec: WeightSpec, mask_f: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    """``(W, W_f, keep_b)``: the prepared weight of the matmuls that share ``spec``, computed once
+    per step (a loop-invariant weight is prepared outside its loop, see :mod:`fst_jax._transform`).
+
+    ``W_f`` is the forward product's weight; the grad-input product's is ``where(keep_b, W, 0)``,
+    formed in the backward pass from the weight and this bool mask (``None``: ``W`` itself), so
+    that the backward pass recomputes no mask and keeps one byte per entry rather than a weight.
+    The derivative through ``W_f`` is the straight-through estimator (its cotangent passes to
+    ``w`` unmasked), plus ``spec.sr_ste·(1 − mask_f)⊙W`` where SR-STE is not applied in parameter
+    space. ``mask_f``: the forward mask when it was already computed (SR-STE in parameter space
+    computes it first), so that no mask is computed twice.
+    """
+    with jax.named_scope(MARKER):
+        w_f, keep_b = _prepare(spec, w, None if mask_f is None else lax.stop_gradient(mask_f))
+    return w, w_f, keep_b
 
 
 def _like_sharding(mask: jax.Array, like: jax.Array) -> jax.Array:
@@ -531,67 +591,6 @@ def _conv_saved(plan: GemmPlan, act: jax.Array, weight: jax.Array) -> Any:
     return _conv_pieces(plan, act, sizes, True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _sparse_dot(act: jax.Array, weight: jax.Array, plan: GemmPlan) -> jax.Array:
-    w_f, _ = _forward_weight(plan, weight)
-    return _forward_product(plan, act, w_f)
-
-
-def _sparse_dot_fwd(act: jax.Array, weight: jax.Array, plan: GemmPlan):
-    if plan.compact:
-        saved = _conv_saved(plan, act, weight) if plan.conv else _compact_parts(plan, act)
-    else:
-        saved = act
-    return _sparse_dot(act, weight, plan), (saved, weight)
-
-
-def _sparse_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array], dy: jax.Array):
-    saved, weight = res
-    w_f, mask_f = _forward_weight(plan, weight)
-    w_b = _backward_weight(plan, weight, w_f)
-    # The grad-input product is linear in the activation: its value only fixes the shape (and,
-    # in shard_map, the varying axes), so the compact mode passes the masked one.
-    if plan.compact and plan.conv:
-        pointwise = _pointwise(plan, weight)
-        out_sizes = tuple(dy.shape[a] for a in plan.t_out_axes)
-        act = _conv_from_pieces(plan, saved, weight, out_sizes) if pointwise else saved
-        pieces = saved if pointwise else _conv_pieces(plan, act, out_sizes, False)
-        d_w = _conv_compact_grad_weight(plan, pieces, weight, dy, pointwise)
-    elif plan.compact:
-        act = _from_compact(plan, saved)
-        d_w = _kernel_grad_weight(plan, act, weight, dy)
-        if d_w is None:
-            d_w = _compact_grad_weight(plan, saved, weight, dy)
-    elif plan.conv:
-        act = saved
-        d_w = _conv_grad_weight(plan, act, weight, dy)
-    else:
-        act = saved
-        a_g, dy_g = _grad_weight_operands(plan, act, dy)
-        _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
-        (d_w,) = vjp_w(dy_g)
-    d_act = _grad_input_product(plan, act, w_b, dy)
-    if plan.sr_ste and mask_f is not None:
-        decay = plan.sr_ste * jnp.where(mask_f, jnp.zeros_like(weight), weight)
-        d_w = d_w + decay.astype(d_w.dtype)
-    return d_act, d_w
-
-
-_sparse_dot.defvjp(_sparse_dot_fwd, _sparse_dot_bwd)
-
-
-def sparse_dot(lhs: jax.Array, rhs: jax.Array, plan: GemmPlan, choice: jax.Array | None = None) -> jax.Array:
-    """``dot_general(lhs, rhs)`` with the FST products of ``plan`` (a :class:`GemmPlan`); a rotating
-    plan takes ``choice``, the drawn pattern's index (an int32 scalar, traced)."""
-    act, weight = (rhs, lhs) if plan.weight_side == 0 else (lhs, rhs)
-    with jax.named_scope(MARKER):
-        if plan.rotating:
-            if choice is None:
-                raise ValueError("fst_jax: a rotating pattern needs the drawn choice (internal error)")
-            return _rotating_dot(act, weight, jnp.asarray(choice, jnp.int32), plan)
-        return _sparse_dot(act, weight, plan)
-
-
 # ------------------------------------------------------------------------------------------------
 # Rotating patterns: the grad-weight token mask is pattern ``plan.patterns[choice]``, the choice an
 # int32 primal operand (cotangent None) drawn once per matmul per step by the caller. The forward
@@ -647,38 +646,77 @@ def _rotating_grad_weight_masked(plan: GemmPlan, act: jax.Array, weight: jax.Arr
     return vjp_w(dy_g)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _rotating_dot(act: jax.Array, weight: jax.Array, choice: jax.Array, plan: GemmPlan) -> jax.Array:
-    w_f, _ = _forward_weight(plan, weight)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fst_dot(act: jax.Array, w: jax.Array, w_f: jax.Array, keep_b: Any, choice: jax.Array, plan: GemmPlan) -> jax.Array:
     return _forward_product(plan, act, w_f)
 
 
-def _rotating_dot_fwd(act: jax.Array, weight: jax.Array, choice: jax.Array, plan: GemmPlan):
+def _fst_dot_fwd(act: jax.Array, w: jax.Array, w_f: jax.Array, keep_b: Any, choice: jax.Array, plan: GemmPlan):
     if plan.rotating_compact:
-        saved = _rotate.rotating_compact_parts(act, choice, _layout(plan, act.shape, weight.shape), plan.patterns)
+        saved = _rotate.rotating_compact_parts(act, choice, _layout(plan, act.shape, w_f.shape), plan.patterns)
+    elif plan.compact:
+        saved = _conv_saved(plan, act, w_f) if plan.conv else _compact_parts(plan, act)
     else:
         saved = act
-    return _rotating_dot(act, weight, choice, plan), (saved, weight, choice)
+    return _fst_dot(act, w, w_f, keep_b, choice, plan), (saved, w, keep_b, choice)
 
 
-def _rotating_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, jax.Array], dy: jax.Array):
-    saved, weight, choice = res
-    w_f, mask_f = _forward_weight(plan, weight)
-    w_b = _backward_weight(plan, weight, w_f)
+def _fst_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, Any, jax.Array], dy: jax.Array):
+    """(dA, None, dW, None, None): dW is the cotangent of ``W_f``, which :func:`prepare` passes on
+    to the weight. Kept for the backward pass: the weight (a parameter, alive anyway, or its
+    view) and the grad-input mask ``keep_b`` (bool); no mask is recomputed, and the grad-weight
+    product reads the weight's shape and dtype only."""
+    saved, weight, keep_b, choice = res
+    w_b = weight if keep_b is None else _masks.apply_mask(weight, keep_b)
+    # The grad-input product is linear in the activation: its value only fixes the shape (and,
+    # in shard_map, the varying axes), so the compact modes pass the masked one.
     if plan.rotating_compact:
         lay = _layout(plan, plan.act_shape, weight.shape)
-        act = _rotate.rotating_from_compact(saved, choice, lay, plan.patterns)  # only its shape is read
+        act = _rotate.rotating_from_compact(saved, choice, lay, plan.patterns)
         d_w = _rotate.rotating_compact_grad_weight(
             saved, choice, dy, lay, weight_dtype=weight.dtype, scale=plan.restore_scale, patterns=plan.patterns,
             precision=plan.params.get("precision"), preferred_element_type=plan.params.get("preferred_element_type"))
-    else:
+    elif plan.rotating:
         act = saved
         d_w = _rotating_grad_weight_masked(plan, act, weight, dy, choice)
+    elif plan.compact and plan.conv:
+        pointwise = _pointwise(plan, weight)
+        out_sizes = tuple(dy.shape[a] for a in plan.t_out_axes)
+        act = _conv_from_pieces(plan, saved, weight, out_sizes) if pointwise else saved
+        pieces = saved if pointwise else _conv_pieces(plan, act, out_sizes, False)
+        d_w = _conv_compact_grad_weight(plan, pieces, weight, dy, pointwise)
+    elif plan.compact:
+        act = _from_compact(plan, saved)
+        d_w = _kernel_grad_weight(plan, act, weight, dy)
+        if d_w is None:
+            d_w = _compact_grad_weight(plan, saved, weight, dy)
+    elif plan.conv:
+        act = saved
+        d_w = _conv_grad_weight(plan, act, weight, dy)
+    else:
+        act = saved
+        a_g, dy_g = _grad_weight_operands(plan, act, dy)
+        _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
+        (d_w,) = vjp_w(dy_g)
     d_act = _grad_input_product(plan, act, w_b, dy)
-    if plan.sr_ste and mask_f is not None:
-        decay = plan.sr_ste * jnp.where(mask_f, jnp.zeros_like(weight), weight)
-        d_w = d_w + decay.astype(d_w.dtype)
-    return d_act, d_w, None
+    return d_act, None, d_w, None, None
 
 
-_rotating_dot.defvjp(_rotating_dot_fwd, _rotating_dot_bwd)
+_fst_dot.defvjp(_fst_dot_fwd, _fst_dot_bwd)
+
+
+def sparse_dot(lhs: jax.Array, rhs: jax.Array, plan: GemmPlan, choice: jax.Array | None = None,
+               prepared: tuple[jax.Array, jax.Array, Any] | None = None) -> jax.Array:
+    """``dot_general(lhs, rhs)`` with the FST products of ``plan`` (a :class:`GemmPlan`).
+
+    ``prepared``: the weight's :func:`prepare` when the caller prepared it once
+    for several matmuls or outside a loop (the weight operand is then not read); otherwise the
+    weight is prepared here. A rotating plan takes ``choice``, the drawn pattern's index (an int32
+    scalar, traced).
+    """
+    act, weight = (rhs, lhs) if plan.weight_side == 0 else (lhs, rhs)
+    if plan.rotating and choice is None:
+        raise ValueError("fst_jax: a rotating pattern needs the drawn choice (internal error)")
+    w, w_f, keep_b = prepared if prepared is not None else prepare(weight, weight_spec(plan))
+    with jax.named_scope(MARKER):
+        return _fst_dot(act, w, w_f, keep_b, jnp.asarray(choice if plan.rotating else 0, jnp.int32), plan)

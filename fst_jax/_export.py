@@ -46,9 +46,7 @@ def forward_mask(decision: Decision, w: jax.Array) -> jax.Array:
     """The forward 2:4 mask of a sparse-forward decision, on its weight operand ``w`` as the matmul
     sees it (what the FST forward product applies)."""
     plan = decision.plan
-    if plan.grad_input == "transposable":
-        return _masks.transposable_mask_2to4(w, axes=(plan.k_axis, plan.o_axis))
-    return _masks.mask_2to4(w, axis=plan.k_axis)
+    return _masks.weight_mask(w, plan.k_axis, plan.o_axis, plan.grad_input == "transposable")
 
 
 def replay(view: View, arrays: Sequence[jax.Array], index: bool = False) -> jax.Array:
@@ -73,6 +71,20 @@ def replay(view: View, arrays: Sequence[jax.Array], index: bool = False) -> jax.
     for _ in range(view.mapped):
         apply = jax.vmap(apply)
     return apply(*xs)
+
+
+def view_key(view: View) -> tuple[Any, ...]:
+    """A hashable key of what a view computes (its ops and their parameters, not the equation
+    objects): two uses that rebuild the same value from the parameters have equal keys."""
+    kind = view.node[0]
+    if kind == "leaf":
+        return ("leaf", view.node[1])
+    if kind == "scan":
+        return ("scan", view_key(view.node[1]))
+    _, eqn, out_index, inputs = view.node
+    literals = tuple(repr(v.val) if isinstance(v, _compat.Literal) else None for v in eqn.invars)
+    return (eqn.primitive.name, repr(sorted(eqn.params.items())), out_index, literals, view.mapped,
+            tuple(view_key(v) for v in inputs))
 
 
 def _mapped(fn: Callable[[jax.Array], jax.Array], n: int) -> Callable[[jax.Array], jax.Array]:
@@ -112,18 +124,23 @@ def sparse_uses(decisions: Sequence[Decision], shapes: Sequence[tuple[int, ...]]
     return uses, bad
 
 
-def leaf_masks(uses: Sequence[Use], params: Sequence[jax.Array | None], leaves: Sequence[int],
+def use_mask(use: Use, params: Sequence[jax.Array | None]) -> jax.Array:
+    """The forward mask of one use, on its operand rebuilt from ``params`` (its scan axes leading)."""
+    return _mapped(lambda w: forward_mask(use.decision, w), use.view.mapped)(replay(use.view, params))
+
+
+def leaf_masks(uses: Sequence[Use], masks: Sequence[jax.Array | None], leaves: Sequence[int],
                shapes: Sequence[tuple[int, ...]]) -> dict[int, tuple[jax.Array, jax.Array, np.ndarray]]:
     """leaf -> (AND, OR of the forward masks over the places each entry reaches, reached (static)).
 
-    ``shapes``: every parameter leaf's shape (the index arrays of :func:`sparse_uses` count
-    entries over all of them). Unreached entries are ``True`` in the AND and ``False`` in the OR.
-    Traceable: ``params`` may be tracers (``None`` for leaves that no use reads).
+    ``masks``: each use's forward mask (:func:`use_mask`; ``None`` for a use that reads none of
+    ``leaves``). ``shapes``: every parameter leaf's shape (the index arrays of :func:`sparse_uses`
+    count entries over all of them). Unreached entries are ``True`` in the AND and ``False`` in the
+    OR. Traceable.
     """
     sizes = [int(np.prod(s)) for s in shapes]
     offsets = np.cumsum([0] + sizes)
-    seen = [(u, _mapped(lambda w, d=u.decision: forward_mask(d, w), u.view.mapped)(replay(u.view, params)))
-            for u in uses if u.view.leaves & set(leaves)]
+    seen = [(u, m) for u, m in zip(uses, masks) if u.view.leaves & set(leaves)]
     out = {}
     for leaf in leaves:
         size, off = sizes[leaf], offsets[leaf]
@@ -308,7 +325,9 @@ def forward_masks(fn: Callable, config: FSTConfig | None = None, *, params_argnu
 
         def compute(ps: list[jax.Array]) -> dict[int, tuple[jax.Array, jax.Array]]:
             return {k: (lo, jnp.sum(jnp.asarray(reached) & (lo != hi)))
-                    for k, (lo, hi, reached) in leaf_masks(uses, ps, todo, shapes).items()}
+                    for k, (lo, hi, reached) in leaf_masks(
+                        uses, [use_mask(u, ps) if u.view.leaves & set(todo) else None for u in uses],
+                        todo, shapes).items()}
 
         computed = jax.jit(compute)([jnp.asarray(x) for x in params]) if todo else {}
         masks: list[Any] = [None] * len(params)

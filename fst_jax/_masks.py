@@ -228,6 +228,15 @@ def _transposable_mask_2to4(x: jax.Array, k_axis: int, o_axis: int) -> jax.Array
     return jnp.moveaxis(mask, (-2, -1), (k_axis, o_axis))
 
 
+def weight_mask(w: jax.Array, k_axis: int, o_axis: int | None, transposable: bool) -> jax.Array:
+    """The forward mask of a weight as its matmul sees it: 2:4 along ``k_axis``, or along both
+    ``k_axis`` and ``o_axis`` when ``transposable`` (the one mask choice that the sparse matmul,
+    SR-STE and the export share)."""
+    if transposable:
+        return transposable_mask_2to4(w, axes=(k_axis, o_axis))
+    return mask_2to4(w, axis=k_axis)
+
+
 _TOKEN_PATTERNS = ("checkerboard", "even", "odd")
 
 

@@ -4,7 +4,10 @@
    (:mod:`fst_jax._analysis`) and decides every matmul (:mod:`fst_jax._decisions`).
 2. :func:`_rewrite` builds the rewritten closed jaxpr: every matmul with a plan becomes
    :func:`fst_jax._dot.sparse_dot` (one ``jax.custom_vjp``), sub-jaxprs that hold one are re-traced,
-   everything else is re-bound as it is; the SR-STE term is attached to the parameters once.
+   everything else is re-bound as it is. Each weight that is a view of the parameters and the
+   same array in every iteration of the loops around it is prepared once (its masks, ``W_f``),
+   at the top level, shared by the matmuls that read it and closed over by loop bodies; the SR-STE
+   term is attached to the parameters once, from the same forward masks.
 3. The rewritten jaxpr is cached (bounded, keyed like ``jax.jit``: tree structure, avals, static
    values, JAX's trace context) with one ``jax.jit`` of it, which every call goes through (under
    an outer ``jit`` it is inlined; under an eager ``jax.grad`` it compiles once instead of
@@ -22,11 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from fst_jax import _compat
-from fst_jax._analysis import run_jaxpr, subjaxprs
+from fst_jax._analysis import View, run_jaxpr, subjaxprs
 from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
-from fst_jax._dot import GemmPlan, sparse_dot
-from fst_jax._export import leaf_masks, sparse_uses
+from fst_jax._dot import GemmPlan, prepare, sparse_dot, weight_spec
+from fst_jax._export import Use, leaf_masks, replay, sparse_uses, use_mask, view_key
 from fst_jax._masks import _as_key, draw_pattern
 from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
 
@@ -36,21 +39,23 @@ CACHE_SIZE = 32
 
 def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], plans: dict[tuple, GemmPlan],
                below: frozenset[tuple], prefix: tuple[Any, ...] = (),
-               choices: dict[tuple, Any] | None = None) -> list[Any]:
+               outer: dict[tuple, tuple[Any, Any]] | None = None) -> list[Any]:
     """Evaluates ``jaxpr`` under the current trace with the planned matmuls rewritten.
 
-    ``choices`` holds the drawn pattern index of each rotating matmul (by path): values of the
-    top-level trace, which matmuls inside sub-jaxprs close over (see :data:`CLOSURE`).
+    ``outer`` holds, by path, a matmul's drawn pattern index (rotating) and its prepared weight
+    (hoisted): values of the top-level trace, which matmuls inside sub-jaxprs close over (see
+    :data:`CLOSURE`).
     """
-    choices = {} if choices is None else choices
+    outer = {} if outer is None else outer
 
     def on_eqn(i: int, eqn: Any, invals: list[Any]) -> list[Any]:
         path = prefix + (i,)
         if path in plans:
+            choice, prepared = outer.get(path, (None, None))
             with _compat.eqn_context(eqn):
-                return [sparse_dot(invals[0], invals[1], plans[path], choices.get(path))]
+                return [sparse_dot(invals[0], invals[1], plans[path], choice, prepared)]
         if path in below:
-            return REWRITE.get(eqn.primitive, _rewrite_subjaxprs)(eqn, invals, path, plans, below, choices)
+            return REWRITE.get(eqn.primitive, _rewrite_subjaxprs)(eqn, invals, path, plans, below, outer)
         return _compat.bind_eqn(eqn, invals)
 
     return run_jaxpr(jaxpr, args, on_eqn, lambda v: v.val, consts)
@@ -61,11 +66,11 @@ def _has_tracer_consts(closed: Any) -> bool:
 
 
 def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans: dict[tuple, GemmPlan],
-                       below: frozenset[tuple], choices: dict[tuple, Any]) -> list[Any]:
+                       below: frozenset[tuple], outer: dict[tuple, tuple[Any, Any]]) -> list[Any]:
     """Any higher-order primitive: re-trace each sub-jaxpr that holds a planned matmul, re-bind.
 
     A re-traced body that closes over a value of an outer trace (the drawn choice of a rotating
-    matmul) has tracer constants, which a re-bound primitive cannot hold: such an equation is
+    matmul, a hoisted prepared weight) has tracer constants, which a re-bound primitive cannot hold: such an equation is
     re-invoked through the primitive's public API (:data:`CLOSURE`), which closure-converts.
     """
     new_subs: dict[tuple[str, int], Any] = {}
@@ -76,7 +81,7 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
         jaxpr, consts = _compat.open_jaxpr(sub)
         new_subs[key, j] = jax.make_jaxpr(
             lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
-            _interpret(jaxpr, consts, a, plans, below, sub_path, choices))(*[v.aval for v in jaxpr.invars])
+            _interpret(jaxpr, consts, a, plans, below, sub_path, outer))(*[v.aval for v in jaxpr.invars])
     if any(_has_tracer_consts(new) for new in new_subs.values()):
         rule = CLOSURE.get(eqn.primitive)
         if rule is None:
@@ -96,11 +101,11 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
 
 
 def _rewrite_shard_map(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans: dict[tuple, GemmPlan],
-                       below: frozenset[tuple], choices: dict[tuple, Any]) -> list[Any]:
+                       below: frozenset[tuple], outer: dict[tuple, tuple[Any, Any]]) -> list[Any]:
     """shard_map re-traces its body itself, inside its manual-axes environment."""
     jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
     return _compat.bind_shard_map(
-        eqn, invals, lambda *a: _interpret(jaxpr, consts, a, plans, below, path + ("jaxpr", 0), choices))
+        eqn, invals, lambda *a: _interpret(jaxpr, consts, a, plans, below, path + ("jaxpr", 0), outer))
 
 
 #: The rewrite's table of higher-order primitives that need more than re-tracing their sub-jaxprs.
@@ -109,7 +114,7 @@ REWRITE = {p: rule for p, rule in ((_compat.P["shard_map"], _rewrite_shard_map),
 
 # ------------------------------------------------------------------------------------------------
 # Closure conversion: a rewritten body that closes over values of the outer trace (the drawn choice
-# of a rotating matmul) is run through the primitive's public API, which turns those values into
+# of a rotating matmul, a prepared weight hoisted out of the body) is run through the primitive's public API, which turns those values into
 # operands. Each rule gets the equation, its operands and every sub-jaxpr (rewritten or not) by
 # (param name, index), and returns the outputs.
 
@@ -173,61 +178,97 @@ CLOSURE: dict[Any, Callable[[Any, list[Any], dict], list[Any]]] = {
 
 
 # ------------------------------------------------------------------------------------------------
-# SR-STE in parameter space: λ(1 − m)⊙W added once per weight entry per step
-
-
-class _Taps:
-    """Which parameters get SR-STE in parameter space, from which sparse uses (static; compared by
-    identity, so that it can be a ``nondiff_argnums`` argument)."""
-
-    def __init__(self, uses: Sequence[Any], lams: dict[int, float], shapes: Sequence[tuple[int, ...]]):
-        self.uses, self.lams, self.shapes = list(uses), dict(lams), list(shapes)
-        self.read = sorted({leaf for u in self.uses for leaf in u.view.leaves})  # what the masks need
-
-    def decay(self, read: Sequence[jax.Array], g: Sequence[jax.Array]) -> list[jax.Array]:
-        """``g`` (cotangents of ``read``) plus ``λ·W`` where no sparse forward product keeps the entry."""
-        params: list[Any] = [None] * len(self.shapes)
-        for leaf, x in zip(self.read, read):
-            params[leaf] = x
-        masks = leaf_masks(self.uses, params, sorted(self.lams), self.shapes)
-        out = list(g)
-        for j, leaf in enumerate(self.read):
-            if leaf in masks:
-                _, kept_any, reached = masks[leaf]
-                decay = jnp.logical_and(jnp.asarray(reached), jnp.logical_not(kept_any))
-                w = read[j]
-                out[j] = g[j] + (self.lams[leaf] * jnp.where(decay, w, jnp.zeros_like(w))).astype(g[j].dtype)
-        return out
+# Prepared weights and SR-STE in parameter space, once per weight per step
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sr_ste_tap(taps: _Taps, read: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+def _sr_ste_tap(lams: tuple[float, ...], read: tuple[jax.Array, ...], drops: tuple[jax.Array, ...]) -> tuple:
     return read
 
 
-def _sr_ste_tap_fwd(taps: _Taps, read: tuple[jax.Array, ...]) -> tuple[tuple, tuple]:
-    return read, read  # the parameters themselves: the masks are recomputed in the backward pass
+def _sr_ste_tap_fwd(lams: tuple[float, ...], read: tuple, drops: tuple):
+    return read, (read, drops)  # the parameters themselves and the masks the forward pass computed
 
 
-def _sr_ste_tap_bwd(taps: _Taps, read: tuple, g: tuple) -> tuple[tuple]:
-    return (tuple(taps.decay(read, g)),)
+def _sr_ste_tap_bwd(lams: tuple[float, ...], res: tuple, g: tuple):
+    read, drops = res
+    return tuple(gi + (lam * jnp.where(d, w, jnp.zeros_like(w))).astype(gi.dtype)
+                 for lam, w, d, gi in zip(lams, read, drops, g)), None
 
 
 _sr_ste_tap.defvjp(_sr_ste_tap_fwd, _sr_ste_tap_bwd)
 
 
-def _taps(traced: Traced, shapes: Sequence[tuple[int, ...]]) -> _Taps | None:
-    """The parameter-space SR-STE of a trace: the uses decided ``sr_ste="parameter"``, λ per leaf."""
-    wanted = [d for d in traced.decisions if d.sr_ste == "parameter"]
-    if not wanted:
-        return None
-    uses, _ = sparse_uses(wanted, shapes)
-    lams: dict[int, float] = {}
-    for u in uses:
-        for leaf in u.view.leaves:
-            lams[leaf] = max(lams.get(leaf, 0.0), sr_ste_coefficient(u.decision, traced.config))
-    lams = {k: v for k, v in lams.items() if v > 0}
-    return _Taps(uses, lams, shapes) if lams else None
+def _hoistable(jaxpr: Any, path: tuple[Any, ...]) -> bool:
+    """Whether the matmul at ``path`` sits only inside sub-jaxprs that :data:`CLOSURE` can close
+    over top-level values (so its prepared weight can be computed once, at the top level)."""
+    jaxpr = _compat.open_jaxpr(jaxpr)[0]
+    for n in range(0, len(path) - 1, 3):
+        eqn = jaxpr.eqns[path[n]]
+        if eqn.primitive not in CLOSURE:
+            return False
+        sub = dict(((k, j), v) for k, j, v in subjaxprs(eqn.params))[path[n + 1], path[n + 2]]
+        jaxpr = _compat.open_jaxpr(sub)[0]
+    return True
+
+
+class _Prep:
+    """The static plan of a trace's prepared weights and parameter-space SR-STE."""
+
+    def __init__(self, traced: Traced, shapes: Sequence[tuple[int, ...]]):
+        decisions = [d for d in traced.decisions if d.plan is not None]
+        uses, _ = sparse_uses(decisions, shapes)
+        by_index = {u.decision.index: u for u in uses}
+        # hoisted: a weight that is a view of the parameters and the same array in every iteration
+        # of the loops around it (mapped == 0), inside sub-jaxprs that CLOSURE converts
+        self.hoisted = []
+        for d in decisions:
+            view = (d.site.lhs, d.site.rhs)[d.weight_side].view
+            if isinstance(view, View) and view.mapped == 0 and _hoistable(traced.jaxpr, d.site.path):
+                self.hoisted.append((d.site.path, view, weight_spec(d.plan), by_index.get(d.index)))
+        self.sr_uses = [u for u in uses if u.decision.sr_ste == "parameter"]
+        lams: dict[int, float] = {}
+        for u in self.sr_uses:
+            for leaf in u.view.leaves:
+                lams[leaf] = max(lams.get(leaf, 0.0), sr_ste_coefficient(u.decision, traced.config))
+        self.lams = {k: v for k, v in lams.items() if v > 0}
+        self.shapes = list(shapes)
+
+    def __call__(self, params: list[Any]) -> tuple[list[Any], dict[tuple, tuple[jax.Array, jax.Array, Any]]]:
+        """(the parameters, SR-STE attached; the prepared weight of every hoisted matmul by path).
+
+        Each forward mask is computed once: the masks of the uses that SR-STE reads (on the
+        parameters as given) are reused by the hoisted weights that share them."""
+        masks: dict[Any, jax.Array] = {}
+
+        def mask(use: Use) -> jax.Array:
+            key = (view_key(use.view), use.decision.plan.k_axis, use.decision.plan.o_axis,
+                   use.decision.plan.grad_input == "transposable")
+            if key not in masks:
+                masks[key] = use_mask(use, params)
+            return masks[key]
+
+        if self.lams:
+            read = sorted(self.lams)
+            combined = leaf_masks(self.sr_uses, [mask(u) if u.view.leaves & self.lams.keys() else None
+                                                 for u in self.sr_uses], read, self.shapes)
+            read = [leaf for leaf in read if leaf in combined]
+            drops = tuple(jnp.logical_and(jnp.asarray(combined[leaf][2]), jnp.logical_not(combined[leaf][1]))
+                          for leaf in read)
+            tapped = _sr_ste_tap(tuple(self.lams[leaf] for leaf in read), tuple(params[leaf] for leaf in read),
+                                 drops)
+            params = list(params)
+            for leaf, value in zip(read, tapped):
+                params[leaf] = value
+        shared: dict[Any, tuple[jax.Array, jax.Array, Any]] = {}
+        prepared = {}
+        for path, view, spec, use in self.hoisted:
+            key = (view_key(view), spec)
+            if key not in shared:
+                given = mask(use) if use is not None and use.decision.sr_ste == "parameter" else None
+                shared[key] = prepare(replay(view, params), spec, given)
+            prepared[path] = shared[key]
+        return params, prepared
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,9 +316,8 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
     below = frozenset(p[:n] for p in plans for n in range(1, len(p)))
     jaxpr, consts = _compat.open_jaxpr(traced.jaxpr)
     in_avals = [v.aval for v in jaxpr.invars]
-    shapes = [tuple(a.shape) for a, p in zip(in_avals, traced.is_param) if p]
-    taps = _taps(traced, shapes)
     where = [i for i, p in enumerate(traced.is_param) if p]  # flat position of each parameter leaf
+    prep = _Prep(traced, [tuple(in_avals[i].shape) for i in where])
     draws = [(d.site.path, d.index, len(d.plan.patterns)) for d in traced.decisions
              if d.plan is not None and d.plan.rotating]
 
@@ -287,11 +327,11 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
         if draws:
             key = leaves.pop()
             choices = {path: draw_pattern(key, index, n) for path, index, n in draws}
-        if taps is not None:  # SR-STE once per weight entry, however many times it is used
-            tapped = _sr_ste_tap(taps, tuple(leaves[where[leaf]] for leaf in taps.read))
-            for leaf, value in zip(taps.read, tapped):
-                leaves[where[leaf]] = value
-        return _interpret(jaxpr, consts, leaves, plans, below, (), choices)
+        params, prepared = prep([leaves[i] for i in where])
+        for i, value in zip(where, params):
+            leaves[i] = value
+        outer = {path: (choices.get(path), prepared.get(path)) for path in choices.keys() | prepared.keys()}
+        return _interpret(jaxpr, consts, leaves, plans, below, (), outer)
 
     return jax.make_jaxpr(flat_fn)(*in_avals, *([key_aval] if draws else []))
 
