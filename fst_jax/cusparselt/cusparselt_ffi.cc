@@ -164,31 +164,41 @@ ffi::Error NotCapturing(cudaStream_t stream, const char* what) {
   return ffi::Error::Success();
 }
 
+// The entry of `cache` for `key`; on a miss (never during CUDA graph capture) a new one, set up by
+// `init(T*)` and kept. Counts hits and set-ups. The caller holds the state's mutex.
+template <typename Key, typename T, typename Init>
+ffi::ErrorOr<T*> Cached(std::map<Key, std::unique_ptr<T>>& cache, const Key& key, Counter hit,
+                        Counter made, const char* what, cudaStream_t stream, Init init) {
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    Count(hit);
+    return it->second.get();
+  }
+  if (auto err = NotCapturing(stream, what); !err.success()) return ffi::Unexpected(err);
+  auto entry = std::make_unique<T>();
+  if (auto err = init(entry.get()); !err.success()) return ffi::Unexpected(err);
+  Count(made);
+  T* out = entry.get();
+  cache[key] = std::move(entry);
+  return out;
+}
+
 // The structured descriptor of A (cached; the caller holds state->mu).
 ffi::ErrorOr<SparseDesc*> GetSparseDesc(DeviceState* st, int64_t n, int64_t k, cudaDataType type,
                                         bool row_a, cudaStream_t stream) {
   DescKey key{n, k, static_cast<int>(type), row_a ? 1 : 0};
-  auto it = st->descs.find(key);
-  if (it != st->descs.end()) {
-    Count(kDescHits);
-    return it->second.get();
-  }
-  if (auto err = NotCapturing(stream, "a cuSPARSELt descriptor"); !err.success())
-    return ffi::Unexpected(err);
-  auto d = std::make_unique<SparseDesc>();
-  cusparseStatus_t s = cusparseLtStructuredDescriptorInit(
-      &st->handle, &d->desc, n, k, row_a ? k : n, 16, type, Order(row_a),
-      CUSPARSELT_SPARSITY_50_PERCENT);
-  if (s != CUSPARSE_STATUS_SUCCESS)
-    return ffi::Unexpected(ffi::Error::Internal(LtError("cusparseLtStructuredDescriptorInit", s)));
-  s = cusparseLtSpMMACompressedSize2(&st->handle, &d->desc, &d->compressed_size,
-                                     &d->compress_buffer_size);
-  if (s != CUSPARSE_STATUS_SUCCESS)
-    return ffi::Unexpected(ffi::Error::Internal(LtError("cusparseLtSpMMACompressedSize2", s)));
-  Count(kDescInits);
-  SparseDesc* out = d.get();
-  st->descs[key] = std::move(d);
-  return out;
+  return Cached(st->descs, key, kDescHits, kDescInits, "a cuSPARSELt descriptor", stream,
+                [&](SparseDesc* d) -> ffi::Error {
+                  LT_RETURN_IF_ERROR(cusparseLtStructuredDescriptorInit(
+                                         &st->handle, &d->desc, n, k, row_a ? k : n, 16, type,
+                                         Order(row_a), CUSPARSELT_SPARSITY_50_PERCENT),
+                                     "cusparseLtStructuredDescriptorInit");
+                  LT_RETURN_IF_ERROR(cusparseLtSpMMACompressedSize2(&st->handle, &d->desc,
+                                                                    &d->compressed_size,
+                                                                    &d->compress_buffer_size),
+                                     "cusparseLtSpMMACompressedSize2");
+                  return ffi::Error::Success();
+                });
 }
 
 // XLA's FFI scratch allocator refuses any alignment above 16 bytes ("Unsupported alignment",
@@ -334,42 +344,32 @@ ffi::Error InitPlan(DeviceState* st, Plan* p, int config) {
 
 ffi::ErrorOr<Plan*> GetPlan(DeviceState* st, const PlanKey& key, cudaDataType type,
                             cudaStream_t stream) {
-  auto it = st->plans.find(key);
-  if (it != st->plans.end()) {
-    Count(kPlanHits);
-    return it->second.get();
-  }
-  if (auto err = NotCapturing(stream, "a cuSPARSELt matmul plan"); !err.success())
-    return ffi::Unexpected(err);
-  auto [n, k, m, dtype, row_a, row_b, row_d, alg] = key;
-  (void)dtype;
-  auto p = std::make_unique<Plan>();
-  auto fail = [](const char* what, cusparseStatus_t s) {
-    return ffi::Unexpected(ffi::Error::Internal(LtError(what, s)));
-  };
-  cusparseStatus_t s;
-  s = cusparseLtStructuredDescriptorInit(&st->handle, &p->a, n, k, row_a ? k : n, 16, type,
-                                         Order(row_a), CUSPARSELT_SPARSITY_50_PERCENT);
-  if (s) return fail("cusparseLtStructuredDescriptorInit", s);
-  s = cusparseLtDenseDescriptorInit(&st->handle, &p->b, k, m, row_b ? m : k, 16, type,
-                                    Order(row_b));
-  if (s) return fail("cusparseLtDenseDescriptorInit (B)", s);
-  s = cusparseLtDenseDescriptorInit(&st->handle, &p->d, n, m, row_d ? m : n, 16, type,
-                                    Order(row_d));
-  if (s) return fail("cusparseLtDenseDescriptorInit (D)", s);
-  s = cusparseLtMatmulDescriptorInit(&st->handle, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                     CUSPARSE_OPERATION_NON_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
-                                     CUSPARSE_COMPUTE_32F);
-  if (s) return fail("cusparseLtMatmulDescriptorInit", s);
-  s = cusparseLtMatmulAlgSelectionInit(&st->handle, &p->alg_sel, &p->matmul,
-                                       CUSPARSELT_MATMUL_ALG_DEFAULT);
-  if (s) return fail("cusparseLtMatmulAlgSelectionInit", s);
-  if (auto e = InitPlan(st, p.get(), alg >= 0 ? static_cast<int>(alg) : 0); !e.success())
-    return ffi::Unexpected(e);
-  Count(kPlanInits);
-  Plan* out = p.get();
-  st->plans[key] = std::move(p);
-  return out;
+  // Named copies, not a structured binding: a lambda may not capture one before C++20.
+  const int64_t n = std::get<0>(key), k = std::get<1>(key), m = std::get<2>(key);
+  const int row_a = std::get<4>(key), row_b = std::get<5>(key), row_d = std::get<6>(key);
+  const int64_t alg = std::get<7>(key);
+  return Cached(st->plans, key, kPlanHits, kPlanInits, "a cuSPARSELt matmul plan", stream,
+                [&](Plan* p) -> ffi::Error {
+    LT_RETURN_IF_ERROR(cusparseLtStructuredDescriptorInit(&st->handle, &p->a, n, k,
+                                                          row_a ? k : n, 16, type, Order(row_a),
+                                                          CUSPARSELT_SPARSITY_50_PERCENT),
+                       "cusparseLtStructuredDescriptorInit");
+    LT_RETURN_IF_ERROR(cusparseLtDenseDescriptorInit(&st->handle, &p->b, k, m, row_b ? m : k, 16,
+                                                     type, Order(row_b)),
+                       "cusparseLtDenseDescriptorInit (B)");
+    LT_RETURN_IF_ERROR(cusparseLtDenseDescriptorInit(&st->handle, &p->d, n, m, row_d ? m : n, 16,
+                                                     type, Order(row_d)),
+                       "cusparseLtDenseDescriptorInit (D)");
+    LT_RETURN_IF_ERROR(cusparseLtMatmulDescriptorInit(
+                           &st->handle, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                           CUSPARSE_OPERATION_NON_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
+                           CUSPARSE_COMPUTE_32F),
+                       "cusparseLtMatmulDescriptorInit");
+    LT_RETURN_IF_ERROR(cusparseLtMatmulAlgSelectionInit(&st->handle, &p->alg_sel, &p->matmul,
+                                                        CUSPARSELT_MATMUL_ALG_DEFAULT),
+                       "cusparseLtMatmulAlgSelectionInit");
+    return InitPlan(st, p, alg >= 0 ? static_cast<int>(alg) : 0);
+  });
 }
 
 // Runs cusparseLtMatmulSearch for a fresh alg = -1 plan, then checks its output against
