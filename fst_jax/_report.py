@@ -10,10 +10,9 @@ from typing import Any
 
 from fst_jax import _compat
 from fst_jax._config import FSTConfig
-from fst_jax._decisions import Decision, flops
+from fst_jax._decisions import Decision, Product, flops
 from fst_jax._tracing import check_call, trace
 
-_GEMMS = ("forward", "grad_input", "grad_weight")
 #: Width of the default table.
 WIDTH = 120
 
@@ -30,9 +29,10 @@ class Row:
       weight: ``"lhs"``, ``"rhs"`` or ``None`` (not a weight matmul).
       param_path: the weight's parameter path (``jax.tree_util.keystr``), or ``None``.
       trips: how many times one call runs it (enclosing scan lengths); ``None`` inside a while loop.
-      forward, grad_input, grad_weight: ``"sparse (...)"`` or ``"dense: <reason>"``.
+      forward, grad_input, grad_weight: each product as text (``str`` of its
+        :class:`fst_jax._decisions.Product`): ``"sparse (...)"`` or ``"dense: <reason>"``.
       backends: what computes each of the three products: ``"xla"`` (dense GEMMs on masked
-        operands, or on the kept half of the tokens), ``"pallas"``, or ``"none"`` (a grad-input
+        operands, or on the kept half of the tokens), ``"pallas"``, ``"cusparselt"``, or ``"none"`` (a grad-input
         product that is not computed: the activation does not depend on the parameters).
       token_axis, tokens: the activation axis the grad-weight mask runs along and its length
         (``None`` for convolutions, whose tokens are the output positions, and non-weight matmuls).
@@ -46,7 +46,8 @@ class Row:
         products as dense GEMMs on masked operands (full FLOPs), the compact grad-weight product
         over half of the tokens.
       flops_fst: the 2:4 ideal: every 2:4-sparse product at half.
-      decision: the typed :class:`fst_jax._decisions.Decision` this row displays.
+      decision: the typed :class:`fst_jax._decisions.Decision` this row displays; the table and
+        :attr:`sparse_gemms` read its products, never the text above.
 
     Example:
       >>> import jax, jax.numpy as jnp, fst_jax
@@ -76,12 +77,12 @@ class Row:
     flops_dense: int
     flops_executed: int
     flops_fst: int
-    decision: Any = dataclasses.field(repr=False, compare=False, default=None)
+    decision: Decision = dataclasses.field(repr=False, compare=False)
 
     @property
     def sparse_gemms(self) -> int:
         """How many of the three products are 2:4-sparse."""
-        return sum(getattr(self, g).startswith("sparse") for g in _GEMMS)
+        return self.decision.sparse_products
 
 
 def _aval_str(v: Any) -> str:
@@ -199,24 +200,23 @@ class Report:
             return "\n".join(_table(head, body) + [self._summary()])
         notes: dict[str, int] = {}
 
-        def cell(text: str, backend: str, note: str) -> str:
-            if text.startswith("sparse"):
-                rotating = re.search(r"rotating\(\d+\)", text)  # the drawn pattern set's size
-                extra = f" {rotating.group(0)}" if rotating else ""
-                where = "" if backend == "xla" else f" {backend}"
-                if note and backend == "xla" and not text.endswith("compact)"):
-                    return f"sparse[{notes.setdefault(f'on xla: {note}', len(notes) + 1)}]" + extra
-                return "sparse" + (" -" if backend == "none" else where) + extra
-            reason = text.removeprefix("dense: ")
-            n = notes.setdefault(reason, len(notes) + 1)
-            return f"dense[{n}]"
+        def cell(p: Product, rotating: int = 0) -> str:
+            """``sparse`` (+ the backend where not XLA, ``-`` where not computed) or ``dense[n]``."""
+            if not p.sparse:
+                return f"dense[{notes.setdefault(p.message, len(notes) + 1)}]"
+            extra = f" rotating({rotating})" if rotating else ""  # the drawn pattern set's size
+            if p.note and p.backend == "xla":
+                return f"sparse[{notes.setdefault(f'on xla: {p.note}', len(notes) + 1)}]" + extra
+            return "sparse" + {"xla": "", "none": " -"}.get(p.backend, f" {p.backend}") + extra
+
+        def cells(d: Decision) -> tuple[str, str, str]:
+            rotating = len(d.plan.patterns) if d.plan is not None else 0
+            return cell(d.forward), cell(d.grad_input), cell(d.grad_weight, rotating)
 
         head = ("#", "where", "lhs x rhs", "w", "trips", "forward", "grad_input", "grad_weight", "token",
                 "sr_ste")
         body = [(str(r.index), _fit_left(_compact_path(_where(r)), 25), _fit(_short(f"{r.lhs} x {r.rhs}"), 28),
-                 r.weight or "-", "?" if r.trips is None else str(r.trips),
-                 *(cell(getattr(r, g), b, r.backend_note if g != "grad_weight" else "")
-                   for g, b in zip(_GEMMS, r.backends)), self._token(r),
+                 r.weight or "-", "?" if r.trips is None else str(r.trips), *cells(r.decision), self._token(r),
                  {"off": "-", "parameter": "param"}.get(r.sr_ste, r.sr_ste)) for r in self.rows]
         lines = _table(head, body)
         lines += [_fit(f"[{n}] {reason}", WIDTH) for reason, n in notes.items()]

@@ -171,19 +171,31 @@ def _pairs(x: jax.Array, n: int) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2])
 
 
-def _phases(layout: CompactLayout, patterns: Sequence[str], choice: jax.Array) -> list[jax.Array]:
-    """For κ = 0, 1: a bool ``[1, N/2, 1]``, true where pair ``j`` keeps its odd token."""
+def _phases(layout: CompactLayout, patterns: Sequence[str], choice: jax.Array) -> jax.Array:
+    """A bool ``[2, 1, ceil(N/2), 1]``: for row parity κ, true where pair ``j`` keeps its odd token."""
     table = layout.phase_table(patterns)
     g_odd = (jnp.arange(layout.num_pairs, dtype=jnp.int32) // 2) % 2 == 1
-    return [_masks._phase_of(table, choice, jnp.bool_(kappa), g_odd)[None, :, None] == 1
-            for kappa in (0, 1)]
+    return jnp.stack([_masks._phase_of(table, choice, jnp.bool_(kappa), g_odd)[None, :, None] == 1
+                      for kappa in (0, 1)])
 
 
-def _check_choice(fn: str, choice: int | jax.Array) -> jax.Array:
+def _kept(pairs: jax.Array, odd: jax.Array) -> jax.Array:
+    """The kept token of each pair: ``pairs`` ``[..., J, 2, C]`` (its leading axes broadcast
+    against ``odd``, from :func:`_phases`) → ``[2, ..., J, C]``, one per row parity κ."""
+    return jnp.where(odd, pairs[..., 1, :], pairs[..., 0, :])
+
+
+def _uncanonical(x: jax.Array, shape: tuple[int, ...], perm: tuple[int, ...]) -> jax.Array:
+    """``x`` in canonical order (``transpose(·, perm)`` of an array of ``shape``) back to ``shape``."""
+    return jnp.transpose(x.reshape(tuple(shape[a] for a in perm)), np.argsort(perm))
+
+
+def _checked(fn: str, choice: int | jax.Array, patterns: Sequence[str]) -> tuple[jax.Array, tuple[str, ...]]:
+    """``choice`` as an int32 scalar and ``patterns`` validated, or a ``ValueError`` naming ``fn``."""
     choice = jnp.asarray(choice, jnp.int32)
     if choice.shape != ():
         raise ValueError(f"{fn}: choice must be a scalar, got shape {choice.shape}")
-    return choice
+    return choice, _masks._check_patterns(fn, patterns)
 
 
 def rotating_compact_parts(
@@ -218,16 +230,13 @@ def rotating_compact_parts(
       [[ 0.  4.  8. 12.]
        [ 3.  7. 11. 15.]]
     """
-    choice = _check_choice("rotating_compact_parts", choice)
-    patterns = _masks._check_patterns("rotating_compact_parts", patterns)
+    choice, patterns = _checked("rotating_compact_parts", choice, patterns)
     if tuple(a.shape) != layout.act_shape:
         raise ValueError(f"rotating_compact_parts: a has shape {a.shape}, the layout {layout.act_shape}")
     x = jnp.transpose(a, layout.act_perm).reshape(layout.batch, layout.num_tokens, layout.num_k)
     x = _pairs(x, layout.num_tokens)  # [B, J, 2, K]
-    x = x.reshape(*x.shape[:3], layout.num_k // 2, 2)  # [B, J, 2, K/2, κ]
-    parts = [jnp.where(odd, x[:, :, 1, :, kappa], x[:, :, 0, :, kappa])
-             for kappa, odd in enumerate(_phases(layout, patterns, choice))]
-    return jnp.stack(parts)
+    x = jnp.moveaxis(x.reshape(*x.shape[:3], layout.num_k // 2, 2), -1, 0)  # [κ, B, J, 2, K/2]
+    return _kept(x, _phases(layout, patterns, choice))
 
 
 def rotating_from_compact(
@@ -258,17 +267,14 @@ def rotating_from_compact(
        [1 0 1 0]
        [0 1 0 1]]
     """
-    choice = _check_choice("rotating_from_compact", choice)
-    patterns = _masks._check_patterns("rotating_from_compact", patterns)
+    choice, patterns = _checked("rotating_from_compact", choice, patterns)
     zero = jnp.zeros((), parts.dtype)
     cols = []
-    for kappa, odd in enumerate(_phases(layout, patterns, choice)):
-        part = parts[kappa]  # [B, J, K/2]
+    for part, odd in zip(parts, _phases(layout, patterns, choice)):  # [B, J, K/2], [1, J, 1]
         cols.append(jnp.stack([jnp.where(odd, zero, part), jnp.where(odd, part, zero)], axis=2))
     x = jnp.stack(cols, axis=-1)  # [B, J, 2, K/2, κ]
     x = x.reshape(layout.batch, 2 * layout.num_pairs, layout.num_k)[:, : layout.num_tokens]
-    canon = tuple(layout.act_shape[a] for a in layout.act_perm)
-    return jnp.transpose(x.reshape(canon), np.argsort(layout.act_perm))
+    return _uncanonical(x, layout.act_shape, layout.act_perm)
 
 
 def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str],
@@ -282,14 +288,13 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
     sequences) the full ``dY'`` is formed first. Same arithmetic as
     :func:`fst_jax._masks.gradient_shift` either way, so the values agree bit for bit.
     """
-    odd = jnp.stack(_phases(layout, patterns, choice))  # [κ, 1, J, 1]
+    odd = _phases(layout, patterns, choice)  # [κ, 1, J, 1]
     shape = (layout.batch, layout.num_tokens, layout.num_o)
     t = layout.act_shape[layout.token_axis]
     no_shift = isinstance(scale, (int, float, np.number)) and scale == 0
     if t % 2:
         g = _masks.gradient_shift(dy, layout.t_out_axis, scale)
-        g = _pairs(jnp.transpose(g, layout.out_perm).reshape(shape), layout.num_tokens)
-        return jnp.where(odd, g[None, :, :, 1], g[None, :, :, 0])
+        return _kept(_pairs(jnp.transpose(g, layout.out_perm).reshape(shape), layout.num_tokens), odd)
     g = jnp.transpose(dy, layout.out_perm).reshape(
         layout.batch, layout.num_tokens // t, t // 2, 2, layout.num_o)  # [B, sequences, T/2, 2, O]
     even_tok, odd_tok = g[:, :, :, 0], g[:, :, :, 1]
@@ -300,8 +305,8 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
             (even_tok.astype(wide) + scale * prev.astype(wide)).astype(dy.dtype),
             (odd_tok.astype(wide) + scale * even_tok.astype(wide)).astype(dy.dtype),
         )
-    half = (layout.batch, layout.num_pairs, layout.num_o)
-    return jnp.where(odd, odd_tok.reshape(half)[None], even_tok.reshape(half)[None])
+    half = (layout.batch, layout.num_pairs, layout.num_o)  # not stacked into pairs for _kept: a copy
+    return jnp.where(odd, odd_tok.reshape(half), even_tok.reshape(half))
 
 
 def rotating_compact_grad_weight(
@@ -355,12 +360,9 @@ def rotating_compact_grad_weight(
       >>> bool(jnp.allclose(dw, ref, atol=1e-5))
       True
     """
-    choice = _check_choice("rotating_compact_grad_weight", choice)
-    patterns = _masks._check_patterns("rotating_compact_grad_weight", patterns)
+    choice, patterns = _checked("rotating_compact_grad_weight", choice, patterns)
     dys = _kept_gradients(dy, layout, patterns, choice, scale)  # [κ, B, J, O]
     dw = lax.dot_general(parts, dys, (((2,), (2,)), ((0, 1), (0, 1))), precision=precision,
                          preferred_element_type=preferred_element_type)  # [κ, B, K/2, O]
     dw = jnp.transpose(dw, (1, 2, 0, 3)).reshape(layout.batch, layout.num_k, layout.num_o)
-    canon = tuple(layout.weight_shape[a] for a in layout.weight_perm)
-    dw = jnp.transpose(dw.reshape(canon), np.argsort(layout.weight_perm))
-    return dw.astype(weight_dtype)
+    return _uncanonical(dw, layout.weight_shape, layout.weight_perm).astype(weight_dtype)

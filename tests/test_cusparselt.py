@@ -10,7 +10,6 @@ error when the ops run without a GPU. GPU-only tests: ``tests/test_cusparselt_gp
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import re
@@ -26,11 +25,11 @@ from fst_jax import cusparselt
 from fst_jax._compat import lower_for_cuda
 from fst_jax._masks import mask_2to4
 from fst_jax.cusparselt import _build, _ops
+from cusparselt_helpers import LAYOUTS, custom_calls, emulated, operands
 
 COMPRESS, MATMUL = _build.TARGETS["compress"], _build.TARGETS["matmul"]
 HAS_GPU = jax.default_backend() == "gpu"
 cpu_only = pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
-LAYOUTS = [(s, tl, tr) for s in ("lhs", "rhs") for tl in (False, True) for tr in (False, True)]
 
 
 def _toolchain_reason() -> str | None:
@@ -54,29 +53,6 @@ def library() -> tuple[str, float]:
     t0 = time.perf_counter()
     path = cusparselt.build()
     return str(path), time.perf_counter() - t0
-
-
-def operands(sparse, tl, tr, m, k, n, dtype=jnp.bfloat16, seed=0, batch=()):
-    """(lhs, rhs) for matmul(lhs, rhs, sparse=..., transpose_lhs=tl, transpose_rhs=tr)."""
-    rng = np.random.default_rng(seed)
-    lhs = rng.standard_normal((*batch, *((k, m) if tl else (m, k)))).astype(np.float32)
-    rhs = rng.standard_normal((*batch, *((n, k) if tr else (k, n)))).astype(np.float32)
-    if sparse == "lhs":
-        lhs = lhs * np.asarray(mask_2to4(lhs, axis=-2 if tl else -1))
-    else:
-        rhs = rhs * np.asarray(mask_2to4(rhs, axis=-1 if tr else -2))
-    return jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype)
-
-
-@contextlib.contextmanager
-def emulated():
-    """On a CPU device, with the jnp emulation of the custom calls (also on a GPU machine)."""
-    with jax.default_device(jax.devices("cpu")[0]), _ops._emulate_off_cuda():
-        yield
-
-
-def custom_calls(text: str) -> list[str]:
-    return re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
 
 
 # ------------------------------------------------------------------------------------------------

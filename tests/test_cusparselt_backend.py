@@ -2,9 +2,6 @@
 the CUDA lowering of a training step, values equal to the XLA path (with the jnp emulation of the
 custom calls on the CPU), fallbacks reported with their reason, and the clear error without a GPU."""
 
-import contextlib
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import fst_jax
 from fst_jax._compat import lower_for_cuda
-from fst_jax.cusparselt import _ops
+from cusparselt_helpers import custom_calls, emulated
 
 CFG = fst_jax.FSTConfig(skip_first=False, skip_last=False, backend="cusparselt", restore_scale=0.5)
 BF = jnp.bfloat16
@@ -36,14 +33,16 @@ def make(dtype=BF, seed=0):
     return p, jnp.asarray(rng.normal(size=(2, 16, 32)), dtype)
 
 
-@contextlib.contextmanager
-def emulated():
-    with jax.default_device(jax.devices("cpu")[0]), _ops._emulate_off_cuda():
-        yield
-
-
-def custom_calls(text: str) -> list[str]:
-    return re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
+def assert_emulated_equals_xla(fn, cfg, *args):
+    """Value and gradients of ``sparsify(fn, cfg)`` with the emulated custom calls equal the XLA
+    path's: the pruned operands come from fst_jax's own masks (bf16 operands, f32 accumulation:
+    equal to bf16 rounding)."""
+    step = lambda c: jax.jit(jax.value_and_grad(fst_jax.sparsify(fn, c), argnums=(0, 1)))  # noqa: E731
+    want = step(cfg.replace(backend="xla"))(*args)
+    with emulated():
+        got = step(cfg)(*args)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                         rtol=2e-2, atol=2e-3), got, want)
 
 
 def test_report_shows_the_backend_of_every_product():
@@ -88,15 +87,7 @@ def test_training_step_lowers_for_cuda_to_the_custom_calls():
 
 @pytest.mark.parametrize("mode", ["compact", "masked"])
 def test_values_equal_the_xla_path_emulated(mode):
-    """The pruned operands come from fst_jax's own masks, so the emulated custom calls give the
-    XLA path's values (bf16 operands, f32 accumulation: to bf16 rounding)."""
-    p, x = make()
-    cfg = CFG.replace(mode=mode)
-    want = jax.jit(jax.value_and_grad(fst_jax.sparsify(loss, cfg.replace(backend="xla")), argnums=(0, 1)))(p, x)
-    with emulated():
-        got = jax.jit(jax.value_and_grad(fst_jax.sparsify(loss, cfg), argnums=(0, 1)))(p, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                         rtol=2e-2, atol=2e-3), got, want)
+    assert_emulated_equals_xla(loss, CFG.replace(mode=mode), *make())
 
 
 def test_weight_on_the_lhs_emulated():
@@ -105,11 +96,7 @@ def test_weight_on_the_lhs_emulated():
     w = jnp.asarray(np.random.default_rng(1).normal(size=(16, 32)) / 6, BF)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 32)), BF)
     assert fst_jax.report(f, cfg)(w, x).rows[0].backends[0] == "cusparselt"
-    want = jax.jit(jax.grad(fst_jax.sparsify(f, cfg.replace(backend="xla")), argnums=(0, 1)))(w, x)
-    with emulated():
-        got = jax.jit(jax.grad(fst_jax.sparsify(f, cfg), argnums=(0, 1)))(w, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                                         rtol=2e-2, atol=2e-3), got, want)
+    assert_emulated_equals_xla(f, cfg, w, x)
 
 
 def test_data_parallel_step_lowers_without_gathering_the_batch():

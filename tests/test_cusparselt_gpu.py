@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from fst_jax import cusparselt
-from fst_jax._masks import mask_2to4
 from fst_jax.cusparselt import _ops
+from cusparselt_helpers import LAYOUTS, operands
 
 
 def _gpu_reason() -> str | None:
@@ -33,7 +33,6 @@ def _gpu_reason() -> str | None:
 
 pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
-LAYOUTS = [(s, tl, tr) for s in ("lhs", "rhs") for tl in (False, True) for tr in (False, True)]
 SHAPES = [(64, 128, 32), (128, 64, 256), (48, 80, 112), (20, 36, 12), (1000, 520, 72)]
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
@@ -43,17 +42,6 @@ def loaded():
     cusparselt.load()
     ok, reason = cusparselt.available()
     assert ok, reason
-
-
-def operands(sparse, tl, tr, m, k, n, dtype=jnp.bfloat16, seed=0, batch=()):
-    rng = np.random.default_rng(seed)
-    lhs = rng.standard_normal((*batch, *((k, m) if tl else (m, k)))).astype(np.float32)
-    rhs = rng.standard_normal((*batch, *((n, k) if tr else (k, n)))).astype(np.float32)
-    if sparse == "lhs":
-        lhs = lhs * np.asarray(mask_2to4(lhs, axis=-2 if tl else -1))
-    else:
-        rhs = rhs * np.asarray(mask_2to4(rhs, axis=-1 if tr else -2))
-    return jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype)
 
 
 def close(got, want, dtype, k):

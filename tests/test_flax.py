@@ -19,14 +19,12 @@ import pytest
 from flax import nnx
 
 import fst_jax
-from references import count_sparse_matmuls, mask_2to4
+from references import count_sparse_matmuls, fixed_mask, mask_2to4, transposable_mask
 from fst_jax import FSTConfig
 
 IDENTITY = FSTConfig(
     forward=False, grad_input="dense", grad_weight="dense", sr_ste=0.0, skip_first=False, skip_last=False
 )
-
-
 
 
 def assert_trees_equal(got: Any, want: Any) -> None:
@@ -125,14 +123,12 @@ def _reference_grads(params, x, cfg: FSTConfig):
     """The spec's gradients with Dense_0 and Dense_2 dense and Dense_1 sparse, built by hand."""
     p = params["params"]
     w = p["Dense_1"]["kernel"]  # [K, O]
-    mask_f = mask_2to4(w, 0) if cfg.forward else np.ones(w.shape, bool)
-    w_f = jnp.where(mask_f, w, 0)
-    if cfg.grad_input == "prune_output_dim":
-        w_b = jnp.where(mask_2to4(w_f, 1), w_f, 0)
-    elif cfg.grad_input == "dense":
-        w_b = w_f
+    if cfg.grad_input == "transposable":  # one mask, 2:4 along K and O, for both products
+        mask_f = transposable_mask(w, 0, 1)
     else:
-        pytest.skip(f"reference not written for grad_input={cfg.grad_input!r}")
+        mask_f = mask_2to4(w, 0) if cfg.forward else np.ones(w.shape, bool)
+    w_f = jnp.where(mask_f, w, 0)
+    w_b = jnp.where(mask_2to4(w_f, 1), w_f, 0) if cfg.grad_input == "prune_output_dim" else w_f
 
     h1, pull_head = jax.vjp(lambda p0: nn.relu(_dense(p0, x)), p["Dense_0"])
     y1 = _add_bias(h1 @ w_f, p["Dense_1"]["bias"])
@@ -141,9 +137,7 @@ def _reference_grads(params, x, cfg: FSTConfig):
 
     dh1 = dy1 @ w_b.T
     if cfg.grad_weight == "fixed_mask":
-        _, t, k = np.indices(h1.shape)
-        keep = {"checkerboard": (t + k) % 2 == 0, "even": t % 2 == 0, "odd": t % 2 == 1}[cfg.pattern]
-        a_w = jnp.where(keep, h1, 0)
+        a_w = jnp.where(fixed_mask(h1.shape, 1, (2,), cfg.pattern), h1, 0)
         dy_w = dy1 + cfg.restore_scale * jnp.roll(dy1, 1, axis=1)
     elif cfg.grad_weight == "prune_grad_output":
         a_w, dy_w = h1, jnp.where(mask_2to4(dy1, 1), dy1, 0)
@@ -176,7 +170,25 @@ def test_mlp_default_grads():
     mid, mid_dense = grads["params"]["Dense_1"]["kernel"], dense["params"]["Dense_1"]["kernel"]
     assert not np.allclose(np.asarray(mid), np.asarray(mid_dense), rtol=1e-3, atol=1e-6)
 
-    want = _reference_grads(params, x, FSTConfig())
+
+# Every branch of _reference_grads: each grad-input and grad-weight choice, the fixed patterns,
+# forward off, SR-STE large enough to show, a negative restore scale, both modes.
+RECIPES = {
+    "default": FSTConfig(),
+    "transposable": FSTConfig(grad_input="transposable", sr_ste=0.1),
+    "grad_input_dense-even": FSTConfig(grad_input="dense", pattern="even", restore_scale=0.5),
+    "no_forward-odd": FSTConfig(forward=False, sr_ste=0.0, pattern="odd", restore_scale=-0.5),
+    "prune_grad_output": FSTConfig(grad_weight="prune_grad_output", sr_ste=0.1),
+    "grad_weight_dense": FSTConfig(grad_weight="dense"),
+    "masked": FSTConfig(mode="masked", restore_scale=0.5),
+}
+
+
+@pytest.mark.parametrize("cfg", RECIPES.values(), ids=RECIPES.keys())
+def test_mlp_grads_match_the_reference(cfg):
+    params, x = _mlp_setup()
+    grads = jax.jit(jax.grad(fst_jax.sparsify(_loss, cfg)))(params, x)
+    want = _reference_grads(params, x, cfg)
     assert jax.tree.structure(want) == jax.tree.structure(grads)
     flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):

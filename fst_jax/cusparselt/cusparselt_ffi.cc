@@ -164,31 +164,41 @@ ffi::Error NotCapturing(cudaStream_t stream, const char* what) {
   return ffi::Error::Success();
 }
 
+// The entry of `cache` for `key`; on a miss (never during CUDA graph capture) a new one, set up by
+// `init(T*)` and kept. Counts hits and set-ups. The caller holds the state's mutex.
+template <typename Key, typename T, typename Init>
+ffi::ErrorOr<T*> Cached(std::map<Key, std::unique_ptr<T>>& cache, const Key& key, Counter hit,
+                        Counter made, const char* what, cudaStream_t stream, Init init) {
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    Count(hit);
+    return it->second.get();
+  }
+  if (auto err = NotCapturing(stream, what); !err.success()) return ffi::Unexpected(err);
+  auto entry = std::make_unique<T>();
+  if (auto err = init(entry.get()); !err.success()) return ffi::Unexpected(err);
+  Count(made);
+  T* out = entry.get();
+  cache[key] = std::move(entry);
+  return out;
+}
+
 // The structured descriptor of A (cached; the caller holds state->mu).
 ffi::ErrorOr<SparseDesc*> GetSparseDesc(DeviceState* st, int64_t n, int64_t k, cudaDataType type,
                                         bool row_a, cudaStream_t stream) {
   DescKey key{n, k, static_cast<int>(type), row_a ? 1 : 0};
-  auto it = st->descs.find(key);
-  if (it != st->descs.end()) {
-    Count(kDescHits);
-    return it->second.get();
-  }
-  if (auto err = NotCapturing(stream, "a cuSPARSELt descriptor"); !err.success())
-    return ffi::Unexpected(err);
-  auto d = std::make_unique<SparseDesc>();
-  cusparseStatus_t s = cusparseLtStructuredDescriptorInit(
-      &st->handle, &d->desc, n, k, row_a ? k : n, 16, type, Order(row_a),
-      CUSPARSELT_SPARSITY_50_PERCENT);
-  if (s != CUSPARSE_STATUS_SUCCESS)
-    return ffi::Unexpected(ffi::Error::Internal(LtError("cusparseLtStructuredDescriptorInit", s)));
-  s = cusparseLtSpMMACompressedSize2(&st->handle, &d->desc, &d->compressed_size,
-                                     &d->compress_buffer_size);
-  if (s != CUSPARSE_STATUS_SUCCESS)
-    return ffi::Unexpected(ffi::Error::Internal(LtError("cusparseLtSpMMACompressedSize2", s)));
-  Count(kDescInits);
-  SparseDesc* out = d.get();
-  st->descs[key] = std::move(d);
-  return out;
+  return Cached(st->descs, key, kDescHits, kDescInits, "a cuSPARSELt descriptor", stream,
+                [&](SparseDesc* d) -> ffi::Error {
+                  LT_RETURN_IF_ERROR(cusparseLtStructuredDescriptorInit(
+                                         &st->handle, &d->desc, n, k, row_a ? k : n, 16, type,
+                                         Order(row_a), CUSPARSELT_SPARSITY_50_PERCENT),
+                                     "cusparseLtStructuredDescriptorInit");
+                  LT_RETURN_IF_ERROR(cusparseLtSpMMACompressedSize2(&st->handle, &d->desc,
+                                                                    &d->compressed_size,
+                                                                    &d->compress_buffer_size),
+                                     "cusparseLtSpMMACompressedSize2");
+                  return ffi::Error::Success();
+                });
 }
 
 // XLA's FFI scratch allocator refuses any alignment above 16 bytes ("Unsupported alignment",
@@ -211,6 +221,14 @@ ffi::ErrorOr<void*> Scratch(ffi::ScratchAllocator& scratch, size_t bytes) {
   return *p;
 }
 
+// Fills an output with 0xFF bytes (NaN in f16 and bf16) when poison is set: see "Debug" above.
+ffi::Error Poison(int64_t poison, ffi::Result<ffi::AnyBuffer>& out, cudaStream_t stream) {
+  if (!poison) return ffi::Error::Success();
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out->untyped_data(), 0xFF, out->size_bytes(), stream),
+                       "cudaMemsetAsync (poison)");
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckDims(ffi::AnyBuffer buf, int64_t rows, int64_t cols, const char* name) {
   auto dims = buf.dimensions();
   if (dims.size() != 2 || dims[0] != rows || dims[1] != cols)
@@ -220,30 +238,44 @@ ffi::Error CheckDims(ffi::AnyBuffer buf, int64_t rows, int64_t cols, const char*
   return ffi::Error::Success();
 }
 
+// What both handlers start from: the device's state, held locked for the whole call (plans and
+// descriptors are set up under it), and A's structured descriptor.
+struct Call {
+  DeviceState* st;
+  std::unique_lock<std::mutex> lock;
+  SparseDesc* desc;
+  cudaDataType type;
+};
+
+ffi::ErrorOr<Call> Prepare(ffi::DataType dtype, int64_t n, int64_t k, int64_t row_a,
+                           cudaStream_t stream) {
+  auto type = LtType(dtype);
+  if (!type.has_value()) return ffi::Unexpected(type.error());
+  auto state = GetState();
+  if (!state.has_value()) return ffi::Unexpected(state.error());
+  std::unique_lock<std::mutex> lock((*state)->mu);
+  auto desc = GetSparseDesc(*state, n, k, *type, row_a != 0, stream);
+  if (!desc.has_value()) return ffi::Unexpected(desc.error());
+  return Call{*state, std::move(lock), *desc, *type};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compress.
 
 ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer dense,
                         ffi::Result<ffi::AnyBuffer> out, int64_t n, int64_t k, int64_t row_a,
                         int64_t poison, int64_t check) {
-  auto type = LtType(dense.element_type());
-  if (!type.has_value()) return type.error();
   if (auto e = CheckDims(dense, row_a ? n : k, row_a ? k : n, "A"); !e.success()) return e;
-  auto state = GetState();
-  if (!state.has_value()) return state.error();
-  DeviceState* st = *state;
-  std::lock_guard<std::mutex> lock(st->mu);
-  auto desc = GetSparseDesc(st, n, k, *type, row_a != 0, stream);
-  if (!desc.has_value()) return desc.error();
-  SparseDesc* d = *desc;
+  auto call = Prepare(dense.element_type(), n, k, row_a, stream);
+  if (!call.has_value()) return call.error();
+  DeviceState* st = call->st;
+  SparseDesc* d = call->desc;
   if (d->compressed_size > out->size_bytes())
     return ffi::Error::Internal(
         "fst_jax.cusparselt: the compressed operand needs " + std::to_string(d->compressed_size) +
         " bytes but fst_jax reserved " + std::to_string(out->size_bytes()) +
         "; please report this with the shape (fst_jax.cusparselt._compressed_capacity)");
-  if (poison)
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(out->untyped_data(), 0xFF, out->size_bytes(), stream),
-                         "cudaMemsetAsync (poison)");
+  if (auto e = Poison(poison, out, stream); !e.success()) return e;
   if (check) {
     auto valid = Scratch(scratch, sizeof(int));
     if (!valid.has_value()) return valid.error();
@@ -295,51 +327,49 @@ float ToFloat(uint16_t bits, bool bf16) {
   return sign ? -v : v;
 }
 
+// Sets the plan's algorithm configuration and builds the plan for it (the caller destroys a
+// plan built before).
+ffi::Error InitPlan(DeviceState* st, Plan* p, int config) {
+  LT_RETURN_IF_ERROR(cusparseLtMatmulAlgSetAttribute(&st->handle, &p->alg_sel,
+                                                     CUSPARSELT_MATMUL_ALG_CONFIG_ID, &config,
+                                                     sizeof(config)),
+                     "cusparseLtMatmulAlgSetAttribute (CONFIG_ID)");
+  LT_RETURN_IF_ERROR(cusparseLtMatmulPlanInit(&st->handle, &p->plan, &p->matmul, &p->alg_sel),
+                     "cusparseLtMatmulPlanInit");
+  LT_RETURN_IF_ERROR(cusparseLtMatmulGetWorkspace(&st->handle, &p->plan, &p->workspace),
+                     "cusparseLtMatmulGetWorkspace");
+  p->chosen_alg = config;
+  return ffi::Error::Success();
+}
+
 ffi::ErrorOr<Plan*> GetPlan(DeviceState* st, const PlanKey& key, cudaDataType type,
                             cudaStream_t stream) {
-  auto it = st->plans.find(key);
-  if (it != st->plans.end()) {
-    Count(kPlanHits);
-    return it->second.get();
-  }
-  if (auto err = NotCapturing(stream, "a cuSPARSELt matmul plan"); !err.success())
-    return ffi::Unexpected(err);
-  auto [n, k, m, dtype, row_a, row_b, row_d, alg] = key;
-  (void)dtype;
-  auto p = std::make_unique<Plan>();
-  auto fail = [](const char* what, cusparseStatus_t s) {
-    return ffi::Unexpected(ffi::Error::Internal(LtError(what, s)));
-  };
-  cusparseStatus_t s;
-  s = cusparseLtStructuredDescriptorInit(&st->handle, &p->a, n, k, row_a ? k : n, 16, type,
-                                         Order(row_a), CUSPARSELT_SPARSITY_50_PERCENT);
-  if (s) return fail("cusparseLtStructuredDescriptorInit", s);
-  s = cusparseLtDenseDescriptorInit(&st->handle, &p->b, k, m, row_b ? m : k, 16, type,
-                                    Order(row_b));
-  if (s) return fail("cusparseLtDenseDescriptorInit (B)", s);
-  s = cusparseLtDenseDescriptorInit(&st->handle, &p->d, n, m, row_d ? m : n, 16, type,
-                                    Order(row_d));
-  if (s) return fail("cusparseLtDenseDescriptorInit (D)", s);
-  s = cusparseLtMatmulDescriptorInit(&st->handle, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                     CUSPARSE_OPERATION_NON_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
-                                     CUSPARSE_COMPUTE_32F);
-  if (s) return fail("cusparseLtMatmulDescriptorInit", s);
-  s = cusparseLtMatmulAlgSelectionInit(&st->handle, &p->alg_sel, &p->matmul,
-                                       CUSPARSELT_MATMUL_ALG_DEFAULT);
-  if (s) return fail("cusparseLtMatmulAlgSelectionInit", s);
-  int config = alg >= 0 ? static_cast<int>(alg) : 0;
-  s = cusparseLtMatmulAlgSetAttribute(&st->handle, &p->alg_sel, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
-                                      &config, sizeof(config));
-  if (s) return fail("cusparseLtMatmulAlgSetAttribute (CONFIG_ID)", s);
-  s = cusparseLtMatmulPlanInit(&st->handle, &p->plan, &p->matmul, &p->alg_sel);
-  if (s) return fail("cusparseLtMatmulPlanInit", s);
-  s = cusparseLtMatmulGetWorkspace(&st->handle, &p->plan, &p->workspace);
-  if (s) return fail("cusparseLtMatmulGetWorkspace", s);
-  p->chosen_alg = config;
-  Count(kPlanInits);
-  Plan* out = p.get();
-  st->plans[key] = std::move(p);
-  return out;
+  // Named copies, not a structured binding: a lambda may not capture one before C++20.
+  const int64_t n = std::get<0>(key), k = std::get<1>(key), m = std::get<2>(key);
+  const int row_a = std::get<4>(key), row_b = std::get<5>(key), row_d = std::get<6>(key);
+  const int64_t alg = std::get<7>(key);
+  return Cached(st->plans, key, kPlanHits, kPlanInits, "a cuSPARSELt matmul plan", stream,
+                [&](Plan* p) -> ffi::Error {
+    LT_RETURN_IF_ERROR(cusparseLtStructuredDescriptorInit(&st->handle, &p->a, n, k,
+                                                          row_a ? k : n, 16, type, Order(row_a),
+                                                          CUSPARSELT_SPARSITY_50_PERCENT),
+                       "cusparseLtStructuredDescriptorInit");
+    LT_RETURN_IF_ERROR(cusparseLtDenseDescriptorInit(&st->handle, &p->b, k, m, row_b ? m : k, 16,
+                                                     type, Order(row_b)),
+                       "cusparseLtDenseDescriptorInit (B)");
+    LT_RETURN_IF_ERROR(cusparseLtDenseDescriptorInit(&st->handle, &p->d, n, m, row_d ? m : n, 16,
+                                                     type, Order(row_d)),
+                       "cusparseLtDenseDescriptorInit (D)");
+    LT_RETURN_IF_ERROR(cusparseLtMatmulDescriptorInit(
+                           &st->handle, &p->matmul, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                           CUSPARSE_OPERATION_NON_TRANSPOSE, &p->a, &p->b, &p->d, &p->d,
+                           CUSPARSE_COMPUTE_32F),
+                       "cusparseLtMatmulDescriptorInit");
+    LT_RETURN_IF_ERROR(cusparseLtMatmulAlgSelectionInit(&st->handle, &p->alg_sel, &p->matmul,
+                                                        CUSPARSELT_MATMUL_ALG_DEFAULT),
+                       "cusparseLtMatmulAlgSelectionInit");
+    return InitPlan(st, p, alg >= 0 ? static_cast<int>(alg) : 0);
+  });
 }
 
 // Runs cusparseLtMatmulSearch for a fresh alg = -1 plan, then checks its output against
@@ -395,18 +425,8 @@ ffi::Error SearchOnce(DeviceState* st, Plan* p, const PlanKey& key, cudaDataType
     if (std::isnan(x) != std::isnan(y) ||
         std::fabs(x - y) > tol * (1.0 + std::fabs(y))) {
       Count(kSearchRejected);
-      int zero = 0;
-      LT_RETURN_IF_ERROR(cusparseLtMatmulAlgSetAttribute(&st->handle, &p->alg_sel,
-                                                         CUSPARSELT_MATMUL_ALG_CONFIG_ID, &zero,
-                                                         sizeof(zero)),
-                         "cusparseLtMatmulAlgSetAttribute (CONFIG_ID)");
       cusparseLtMatmulPlanDestroy(&p->plan);
-      LT_RETURN_IF_ERROR(cusparseLtMatmulPlanInit(&st->handle, &p->plan, &p->matmul, &p->alg_sel),
-                         "cusparseLtMatmulPlanInit");
-      LT_RETURN_IF_ERROR(cusparseLtMatmulGetWorkspace(&st->handle, &p->plan, &p->workspace),
-                         "cusparseLtMatmulGetWorkspace");
-      p->chosen_alg = 0;
-      break;
+      return InitPlan(st, p, 0);
     }
   }
   return ffi::Error::Success();
@@ -416,36 +436,28 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
                       ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> d, int64_t n, int64_t k,
                       int64_t m, int64_t row_a, int64_t row_b, int64_t row_d, int64_t alg,
                       int64_t poison) {
-  auto type = LtType(b.element_type());
-  if (!type.has_value()) return type.error();
   if (d->element_type() != b.element_type())
     return ffi::Error::InvalidArgument("fst_jax.cusparselt: output dtype must match B");
   if (auto e = CheckDims(b, row_b ? k : m, row_b ? m : k, "B"); !e.success()) return e;
   if (auto e = CheckDims(*d, row_d ? n : m, row_d ? m : n, "D"); !e.success()) return e;
-  auto state = GetState();
-  if (!state.has_value()) return state.error();
-  DeviceState* st = *state;
-  std::lock_guard<std::mutex> lock(st->mu);
-  auto desc = GetSparseDesc(st, n, k, *type, row_a != 0, stream);
-  if (!desc.has_value()) return desc.error();
-  if ((*desc)->compressed_size > a.size_bytes())
+  auto call = Prepare(b.element_type(), n, k, row_a, stream);
+  if (!call.has_value()) return call.error();
+  DeviceState* st = call->st;
+  cudaDataType type = call->type;
+  if (call->desc->compressed_size > a.size_bytes())
     return ffi::Error::InvalidArgument(
         "fst_jax.cusparselt: the compressed operand is smaller than cuSPARSELt's compressed size");
-  PlanKey key{n, k, m, static_cast<int>(*type), row_a ? 1 : 0, row_b ? 1 : 0, row_d ? 1 : 0, alg};
-  auto plan = GetPlan(st, key, *type, stream);
+  PlanKey key{n, k, m, static_cast<int>(type), row_a ? 1 : 0, row_b ? 1 : 0, row_d ? 1 : 0, alg};
+  auto plan = GetPlan(st, key, type, stream);
   if (!plan.has_value()) return plan.error();
   Plan* p = *plan;
-  if (poison)
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d->untyped_data(), 0xFF, d->size_bytes(), stream),
-                         "cudaMemsetAsync (poison)");
+  if (auto e = Poison(poison, d, stream); !e.success()) return e;
   if (alg < 0 && !p->searched) {
-    if (auto e = SearchOnce(st, p, key, *type, a.untyped_data(), b.untyped_data(),
+    if (auto e = SearchOnce(st, p, key, type, a.untyped_data(), b.untyped_data(),
                             d->untyped_data(), d->size_bytes(), scratch, stream);
         !e.success())
       return e;
-    if (poison)
-      CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d->untyped_data(), 0xFF, d->size_bytes(), stream),
-                           "cudaMemsetAsync (poison)");
+    if (auto e = Poison(poison, d, stream); !e.success()) return e;
   }
   auto ws = Scratch(scratch, p->workspace);
   if (!ws.has_value()) return ws.error();
@@ -458,12 +470,15 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
   return ffi::Error::Success();
 }
 
+// What both handlers bind first: the stream and XLA's scratch allocator.
+auto BindStreamAndScratch() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::ScratchAllocator>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fst_cslt_compress, CompressImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
+                              BindStreamAndScratch()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("n")
@@ -473,9 +488,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fst_cslt_compress, CompressImpl,
                                   .Attr<int64_t>("check"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(fst_cslt_matmul, MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
+                              BindStreamAndScratch()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()

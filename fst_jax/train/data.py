@@ -92,6 +92,13 @@ def _layout(model: str, x: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
     return x.reshape(len(x), NUM_TOKENS, -1) if model in SEQUENCE_MODELS else x
 
 
+def _dataset(name: str, model: str, spatial: tuple[int, ...], x_train: np.ndarray, y_train: np.ndarray,
+             x_test: np.ndarray, y_test: np.ndarray) -> Dataset:
+    """The split ``[N, D]`` arrays as a :class:`Dataset` in the layout ``model`` sees."""
+    return Dataset(x_train=_layout(model, x_train, spatial), y_train=y_train,
+                   x_test=_layout(model, x_test, spatial), y_test=y_test, name=name)
+
+
 def load_digits_dataset(model: str, test_fraction: float = TEST_FRACTION) -> Dataset:
     """Loads scikit-learn's bundled digits, standardizes each pixel and splits train/test.
 
@@ -130,11 +137,8 @@ def load_digits_dataset(model: str, test_fraction: float = TEST_FRACTION) -> Dat
     mean = x[:n_train].mean(axis=0)
     std = x[:n_train].std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    x = _layout(model, ((x - mean) / std).astype(np.float32), (8, 8))
-    return Dataset(
-        x_train=x[:n_train], y_train=y[:n_train], x_test=x[n_train:], y_test=y[n_train:],
-        name="digits",
-    )
+    x = ((x - mean) / std).astype(np.float32)
+    return _dataset("digits", model, (8, 8), x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,13 +205,7 @@ def load_mnist1d_dataset(model: str, seed: int = MNIST1D_SEED) -> Dataset:
     """
     _check_model(model)
     x, y, x_test, y_test = _mnist1d_arrays(int(seed))
-    return Dataset(
-        x_train=_layout(model, x.copy(), (x.shape[1],)),
-        y_train=y.copy(),
-        x_test=_layout(model, x_test.copy(), (x_test.shape[1],)),
-        y_test=y_test.copy(),
-        name="mnist1d",
-    )
+    return _dataset("mnist1d", model, (x.shape[1],), x.copy(), y.copy(), x_test.copy(), y_test.copy())
 
 
 def load_dataset(name: str, model: str) -> Dataset:
