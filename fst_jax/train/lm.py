@@ -36,7 +36,8 @@ from fst_jax._config import FSTConfig, pattern_set
 from fst_jax.train.pruned import PrunedModel, mask_parts
 from fst_jax.train.stats import mean_std_se
 
-__all__ = ["TextRun", "evaluate_text_pruned", "is_rotating", "run_text", "text_table", "train_text"]
+__all__ = ["TextRun", "evaluate_text_pruned", "is_rotating", "run_text", "text_summary", "text_table",
+           "train_text"]
 
 TEXT_MODEL = "transformer"  # the only --model that applies: the CharGPT
 TEXT_WIDTH = 128  # d_model
@@ -333,7 +334,7 @@ def text_table(per_seed: Sequence[tuple[int, dict[str, TextRun]]], flops: dict[s
       >>> run = lambda v, loss: TextRun(v, losses=[loss], val_loss=[loss])
       >>> print(text_table([(0, {"dense": run("dense", 2.0), "fst": run("fst", 2.1)})], {}))
       variant  seed  last batch loss  val loss  val bits/char  median step (ms)  compile (s)  matmul FLOPs/step
-      --------------------------------------------------------------------------------------------------------
+      ---------------------------------------------------------------------------------------------------------
       dense       0           2.0000    2.0000         2.8854               nan         0.00                n/a
       fst         0           2.1000    2.1000         3.0297               nan         0.00                n/a
       validation loss over 1 seed: dense 2.0000, fst 2.1000
@@ -375,3 +376,117 @@ def text_table(per_seed: Sequence[tuple[int, dict[str, TextRun]]], flops: dict[s
                      f"loss); the sparsified loss agrees within {worst:.1e}")
         lines.append(f"2:4 model: {pruned[0][1].pruned.summary()}")
     return "\n".join(lines)
+
+
+def run_text(args: Any, config: FSTConfig, error: Callable[[str], Any]) -> int:
+    """``fst-jax train --dataset text``: dense and FST char-level GPTs, side by side.
+
+    Called by :func:`fst_jax.train.main` with its parsed arguments. ``--width`` is ``d_model``,
+    ``--depth`` the number of blocks, ``--seq-len`` the context; ``--model`` must be
+    ``transformer`` (or left out). Prints the FST report, a progress bar per run and
+    :func:`text_table`; writes ``DIR/results.json`` and, with matplotlib, ``DIR/curves.png``.
+
+    Args:
+      args: the parsed arguments of :func:`fst_jax.train.build_parser`.
+      config: the FST config from ``--config``.
+      error: called with a message for an invalid argument (``parser.error``: exits with 2).
+
+    Returns:
+      0.
+
+    Example:
+      >>> import contextlib, io, json, tempfile
+      >>> from pathlib import Path
+      >>> from fst_jax.train import main
+      >>> out = tempfile.mkdtemp()
+      >>> with contextlib.redirect_stdout(io.StringIO()):
+      ...     status = main(["--dataset", "text", "--steps", "2", "--width", "16", "--depth", "1",
+      ...                    "--seq-len", "16", "--batch-size", "4", "--quiet", "--out", out])
+      >>> r = json.loads((Path(out) / "results.json").read_text())
+      >>> status, r["data"]["name"], sorted(r["summary"]["val_loss"])
+      (0, 'text', ['dense', 'fst'])
+    """
+    from fst_jax.train.loop import make_optimizer
+    from fst_jax.train.plots import plot_text_curves
+
+    if args.model not in (None, TEXT_MODEL):
+        error(f"argument --model: --dataset text trains the character-level GPT (fst_jax.text."
+              f"CharGPT); use --model {TEXT_MODEL} or leave --model out, got {args.model!r}")
+    width = TEXT_WIDTH if args.width is None else args.width
+    depth = TEXT_DEPTH if args.depth is None else args.depth
+    seq_len = TEXT_SEQ_LEN if args.seq_len is None else args.seq_len
+    batch_size = TEXT_BATCH if args.batch_size is None else args.batch_size
+    heads = 4 if width % 4 == 0 else 2 if width % 2 == 0 else 1
+    corpus = text.load_corpus(num_chars=TEXT_CHARS)
+    if seq_len + 1 > len(corpus.val):
+        error(f"argument --seq-len: at most {len(corpus.val) - 1} (the validation split), got {seq_len}")
+    steps = args.steps
+    eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    lr = args.lr
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    model = text.CharGPT(d_model=width, num_heads=heads, num_layers=depth, seq_len=seq_len)
+    loss = text.make_loss(model)
+    fst_loss = fst_jax.sparsify(loss, config)
+    rotating = is_rotating(config)
+    fst_eval = functools.partial(fst_loss, fst_key=0) if rotating else fst_loss
+    tx = make_optimizer(args.optimizer, lr, steps, args.schedule)
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"])
+    params = init(jax.random.key(seeds[0]))
+    n_params = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+    say(f"char-level GPT: d_model {width}, {depth} blocks, {heads} heads, {seq_len} tokens, "
+        f"{n_params:,} parameters; text: Python {corpus.python} standard library, "
+        f"{len(corpus.train):,} train / {len(corpus.val):,} validation characters "
+        f"(corpus {corpus.fingerprint}); {steps} steps of batch {batch_size}, {args.optimizer} lr {lr} "
+        f"({args.schedule}), seeds {seeds[0]}..{seeds[-1]}")
+    say(f"config: {config}")
+    x, y = text.sample_batch(corpus.train, jax.random.key(seeds[0]), batch_size, seq_len)
+    rep = fst_jax.report(loss, config)(params, x, y, **({"fst_key": 0} if rotating else {}))
+    flops = {"dense": getattr(rep, "flops_dense", None), "fst": getattr(rep, "flops_fst", None)}
+    say(str(rep))
+
+    caches: dict[str, dict[Any, Any]] = {"dense": {}, "fst": {}}
+    per_seed: list[tuple[int, dict[str, TextRun]]] = []
+    for seed in seeds:
+        if seed != seeds[0]:
+            params = init(jax.random.key(seed))
+            say(f"seed {seed}")
+        runs: dict[str, TextRun] = {}
+        for variant, lf, ef in (("dense", loss, loss), ("fst", fst_loss, fst_eval)):
+            trained, runs[variant] = train_text(
+                variant, lf, params, corpus, tx, steps=steps, batch_size=batch_size,
+                seq_len=seq_len, seed=seed, eval_every=eval_every, eval_loss=ef,
+                fst_key=rotating and variant == "fst", quiet=args.quiet, cache=caches[variant])
+        runs["fst"].pruned = evaluate_text_pruned(loss, config, trained, corpus, seq_len=seq_len)
+        per_seed.append((seed, runs))
+    print(text_table(per_seed, flops), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": {"name": "CharGPT", "d_model": width, "depth": depth, "heads": heads,
+                  "seq_len": seq_len, "num_params": n_params},
+        "optimizer": {"name": args.optimizer, "lr": lr, "schedule": args.schedule},
+        "config": str(config),
+        "data": {"name": "text", "source": corpus.source, "python": corpus.python,
+                 "fingerprint": corpus.fingerprint, "num_train": len(corpus.train),
+                 "num_val": len(corpus.val), "eval_windows": EVAL_WINDOWS},
+        "flops_per_step": flops,
+        "seeds": seeds,
+        "per_seed": [{"seed": seed, "runs": {
+            v: {**dataclasses.asdict(dataclasses.replace(r, pruned=None)), "final": r.final(),
+                "pruned": None if r.pruned is None else {
+                    "val_loss": r.pruned.test_loss, "train_loss": r.pruned.train_loss,
+                    "summary": r.pruned.summary(), "pruned": list(r.pruned.pruned)}}
+            for v, r in runs.items()}} for seed, runs in per_seed],
+        "summary": text_summary(per_seed),
+        "versions": {"jax": jax.__version__, "backend": jax.default_backend()},
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if plot_text_curves(per_seed, out / "curves.png"):
+        say(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+    else:
+        say(f"wrote {out / 'results.json'} (matplotlib not installed: no curves.png)")
+    return 0
