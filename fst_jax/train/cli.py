@@ -355,7 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps is None:
         args.steps = DEFAULT_STEPS[args.dataset]
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
-    args.lr = lr
     if args.dataset == "text":
         return run_text(args, config, parser.error)
     if args.seq_len is not None:

@@ -406,7 +406,7 @@ def run_text(args: Any, config: FSTConfig, error: Callable[[str], Any]) -> int:
       >>> status, r["data"]["name"], sorted(r["summary"]["val_loss"])
       (0, 'text', ['dense', 'fst'])
     """
-    from fst_jax.train.loop import make_optimizer
+    from fst_jax.train.loop import DEFAULT_LR, make_optimizer
     from fst_jax.train.plots import plot_text_curves
 
     if args.model not in (None, TEXT_MODEL):
@@ -423,7 +423,7 @@ def run_text(args: Any, config: FSTConfig, error: Callable[[str], Any]) -> int:
     steps = args.steps
     eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
     seeds = [args.seed + i for i in range(args.seeds)]
-    lr = args.lr
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     model = text.CharGPT(d_model=width, num_heads=heads, num_layers=depth, seq_len=seq_len)
