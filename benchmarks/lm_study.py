@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument("--fresh", action="store_true", help="retrain runs found under --out/runs")
     p.add_argument("--progress", action="store_true", help="a progress bar per run")
+    p.add_argument("--note", action="append", default=[], help="a line added to the RESULTS.md section")
     return p
 
 
@@ -247,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"standard error over paired seeds {sorted(set(args.seeds))}; gap = FST/dense − 1 per seed",
             f"runs trained by this invocation: {trained}, read back from `{args.out / 'runs'}`: "
             f"{len(results) - trained}; issue 14's target: gap within {TARGET_PERCENT:g} %",
+            "per run: wall {:.0f}–{:.0f} s, median step {:.0f}–{:.0f} ms".format(
+                min(r["wall_s"] for r in results), max(r["wall_s"] for r in results),
+                min(r["median_step_ms"] for r in results), max(r["median_step_ms"] for r in results)),
+            *args.note,
         ]
         append_section(f"Language-model study (issue 14), {meta['date']}", lines, table)
     return 0
