@@ -40,6 +40,7 @@ appended to ``benchmarks/RESULTS.md`` with the command, machine and load.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shlex
@@ -54,6 +55,7 @@ from tqdm import tqdm
 
 import fst_jax
 from fst_jax.train import DEFAULT_STEPS, mean_std_se
+from fst_jax.train.lm import is_rotating
 
 from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
@@ -85,6 +87,9 @@ ABLATION_VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "restore_1": ("restore_scale=1", ["restore_scale=1.0"], "adamw"),
     "pattern_even": ("pattern=even", ["pattern=even"], "adamw"),
     "pattern_odd": ("pattern=odd", ["pattern=odd"], "adamw"),
+    "rotating": ("pattern=rotating (the authors' 4 patterns, drawn per layer and step)",
+                 ["pattern=rotating"], "adamw"),
+    "rotating_ceo": ("pattern=checkerboard,even,odd (rotating)", ["pattern=checkerboard,even,odd"], "adamw"),
     "prune_grad_output": ("grad_weight=prune_grad_output (saliency)", ["grad_weight=prune_grad_output"], "adamw"),
     "sr_ste_0": ("sr_ste=0", ["sr_ste=0"], "adamw"),
     "sr_ste_2e-3": ("sr_ste=2e-3", ["sr_ste=2e-3"], "adamw"),
@@ -342,16 +347,21 @@ class Runner:
             def loss_fn(p: Any, x: Any, y: Any) -> Any:
                 return optax.softmax_cross_entropy_with_integer_labels(predict_fn(p, x), y).mean()
 
+            rotating = False
             if variant == "fst":
                 config = train.config_from_overrides(s["config"])
+                rotating = is_rotating(config)  # the step number is the fst_key, as in fst-jax train
                 loss_fn, predict_fn = fst_jax.sparsify(loss_fn, config), fst_jax.sparsify(predict_fn, config)
+                if rotating:  # the forward product does not use the draw: any key evaluates the same
+                    predict_fn = functools.partial(predict_fn, fst_key=0)
             tx = train.make_optimizer(s["optimizer"], key["lr"], steps)
-            self._fns[fkey] = (loss_fn, predict_fn, tx, {})
-        loss_fn, predict_fn, tx, cache = self._fns[fkey]
+            self._fns[fkey] = (loss_fn, predict_fn, tx, {}, rotating)
+        loss_fn, predict_fn, tx, cache, rotating = self._fns[fkey]
         params, _ = train.init_model(s["model"], s["width"], depth, data.x_train, seed, data.num_classes)
         batches = train.batch_indices(len(data.x_train), BATCH_SIZE, steps, seed)
         _, result = train.train_run(variant, loss_fn, predict_fn, params, data, batches, tx,
-                                    eval_every=max(1, steps // 10), quiet=True, cache=cache)
+                                    eval_every=max(1, steps // 10), quiet=True, cache=cache,
+                                    fst_key=rotating)
         final = result.final()
         path.write_text(json.dumps({"key": key, "final": final,
                                     "eval_steps": result.eval_steps,

@@ -84,3 +84,20 @@ def test_summarize_parity_rule() -> None:
     # differences -3, +1, -1 pt: mean -1 pt, SE ~1.15 pt, bound ~2.3 pt -> parity
     row = accuracy.summarize(s, results([0.9, 0.8, 0.7], [0.87, 0.81, 0.69]))
     assert row["parity"] and row["threshold_pt"] > 2.0
+
+
+def test_rotating_variants_run_with_the_step_as_key(tmp_path: Path) -> None:
+    """The study's rotating variants train (the step number is the fst_key), differ from the fixed
+    pattern, and are deterministic."""
+    assert accuracy.ABLATION_VARIANTS["rotating"][1] == ["pattern=rotating"]
+
+    def final(config: list[str], out: Path) -> dict:
+        s = accuracy._setting("ablation", "x", "digits", "mlp", 16, config=config)
+        metrics, read_back = accuracy.Runner(out).run(s, 0, "fst", 6)
+        assert not read_back
+        return {k: metrics[k] for k in ("train_loss", "test_loss", "test_accuracy")}
+
+    rotating = final(["pattern=rotating"], tmp_path / "a")
+    assert rotating == final(["pattern=rotating"], tmp_path / "b")
+    assert rotating["train_loss"] != final([], tmp_path / "c")["train_loss"]
+    assert 0 <= rotating["test_accuracy"] <= 1

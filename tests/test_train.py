@@ -120,6 +120,9 @@ def test_transformer_dense_and_fst_learn(tmp_path: Path) -> None:
         ("--dataset imagenet", ["--dataset", "imagenet", "digits", "mnist1d"]),
         ("--optimizer lion", ["--optimizer", "lion", "adamw", "sgd"]),
         ("--seeds 0", ["--seeds"]),
+        ("--dataset text --model cnn", ["--model", "text", "transformer", "'cnn'"]),
+        ("--seq-len 16", ["--seq-len", "text", "digits"]),
+        ("--dataset text --seq-len 300000", ["--seq-len", "at most", "300000"]),
     ],
 )
 def test_bad_arguments_exit_2(
@@ -133,6 +136,38 @@ def test_bad_arguments_exit_2(
     for word in expected:
         assert word in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_text_dense_and_fst_rotating(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dataset text``: the char-level GPT, dense and FST (rotating: fst_key from the step),
+    2 paired seeds; FST is judged by its exported 2:4 model, which the sparsified loss equals."""
+    argv = ("--dataset text --steps 4 --width 16 --depth 1 --seq-len 16 --batch-size 8 --lr 1e-2 "
+            "--eval-every 2 --seeds 2 --config pattern=rotating --quiet")
+    assert main([*argv.split(), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "bits per character" in table and "2:4 model:" in table
+    results = _results(tmp_path)
+    assert results["data"]["name"] == "text" and results["model"]["d_model"] == 16
+    assert results["seeds"] == [0, 1]
+    for seed in results["per_seed"]:
+        dense, fst = seed["runs"]["dense"], seed["runs"]["fst"]
+        assert dense["pruned"] is None and fst["pruned"] is not None
+        for run in (dense, fst):
+            assert run["eval_steps"] == [0, 2, 4] and len(run["losses"]) == 4
+            assert run["val_loss"][-1] < run["val_loss"][0]  # both learn
+        # The metric is the 2:4 model's (prune_params + plain loss), equal to the sparse forward's.
+        assert fst["final"]["val_loss"] == fst["pruned"]["val_loss"]
+        assert fst["pruned"]["val_loss"] == pytest.approx(fst["val_loss"][-1], rel=1e-5)
+        assert fst["final"]["val_bpc"] == pytest.approx(fst["final"]["val_loss"] / np.log(2))
+        assert "pruned 2:4" in fst["pruned"]["summary"] and fst["pruned"]["pruned"]
+    # The two seeds start from different parameters; the summary pairs them.
+    assert results["per_seed"][0]["runs"]["dense"]["losses"] != results["per_seed"][1]["runs"]["dense"]["losses"]
+    s = results["summary"]
+    diffs = [r["runs"]["fst"]["final"]["val_loss"] - r["runs"]["dense"]["final"]["val_loss"]
+             for r in results["per_seed"]]
+    assert s["paired_difference"]["values"] == pytest.approx(diffs)
+    assert s["gap_percent"] == pytest.approx(100 * np.mean(diffs) / s["val_loss"]["dense"]["mean"])
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_config_overrides_are_typed() -> None:

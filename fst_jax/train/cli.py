@@ -15,7 +15,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import fst_jax
-from fst_jax._config import FSTConfig, pattern_set
+from fst_jax._config import FSTConfig
 from fst_jax.train.data import DATASETS, DEFAULT_STEPS, MNIST1D_SEED, MODELS, batch_indices, load_dataset
 from fst_jax.train.loop import (
     DEFAULT_LR,
@@ -39,6 +39,7 @@ from fst_jax.train.loop import (
     make_optimizer,
     train_run,
 )
+from fst_jax.train.lm import TEXT_BATCH, TEXT_DEPTH, TEXT_SEQ_LEN, TEXT_WIDTH, is_rotating, run_text
 from fst_jax.train.model import DEFAULT_DEPTH, DEFAULT_WIDTH, NUM_HEADS, init_model
 from fst_jax.train.plots import plot_curves
 from fst_jax.train.pruned import evaluate_pruned
@@ -136,24 +137,23 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse ``type=``: parses ``kind`` (int or float) and requires a finite value > 0."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid positive {kind.__name__} value: {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid positive float value: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+_positive_int = _positive(int)
+_positive_float = _positive(float)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -182,16 +182,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--dataset",
         choices=DATASETS,
         default="digits",
-        help="scikit-learn's 8x8 digits or MNIST-1D (generated locally by the mnist1d package) "
-        "(default: %(default)s)",
+        help="scikit-learn's 8x8 digits, MNIST-1D (generated locally by the mnist1d package), or "
+        "text: a character-level GPT on Python's standard-library sources, judged by validation "
+        "loss and bits per character (default: %(default)s)",
     )
     parser.add_argument(
         "--model",
         choices=MODELS,
-        default="mlp",
+        default=None,
         help="the model; cnn is a 1-D CNN over the 8 tokens written as matmuls, resnet a residual "
-        "CNN with nn.Conv (2-D on digits, 1-D on mnist1d), mlp_nnx the MLP in Flax NNX "
-        "(default: %(default)s)",
+        "CNN with nn.Conv (2-D on digits, 1-D on mnist1d), mlp_nnx the MLP in Flax NNX; text "
+        "takes only transformer, the char-level GPT (default: mlp; transformer for text)",
     )
     parser.add_argument(
         "--steps",
@@ -202,7 +203,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         + ")",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=128, help="batch size (default: %(default)s)"
+        "--batch-size", type=_positive_int, default=None,
+        help=f"batch size (default: 128; {TEXT_BATCH} windows for text)"
+    )
+    parser.add_argument(
+        "--seq-len", type=_positive_int, default=None,
+        help=f"text only: characters per training and validation window (default: {TEXT_SEQ_LEN})",
     )
     parser.add_argument(
         "--width",
@@ -210,7 +216,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="hidden width (MLPs) / d_model (transformer) / channels (CNN, ResNet) (default: "
         + " / ".join(str(DEFAULT_WIDTH[m]) for m in ("mlp", "transformer", "cnn", "resnet"))
-        + ")",
+        + f"; d_model {TEXT_WIDTH} for text)",
     )
     parser.add_argument(
         "--depth",
@@ -219,7 +225,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="hidden layers (MLPs) / transformer blocks / convolutions (CNN) / residual blocks "
         "(ResNet) (default: "
         + " / ".join(str(DEFAULT_DEPTH[m]) for m in ("mlp", "transformer", "cnn", "resnet"))
-        + ")",
+        + f"; {TEXT_DEPTH} blocks for text)",
     )
     parser.add_argument(
         "--optimizer",
@@ -261,7 +267,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=1,
         help="run N seeds, SEED .. SEED+N-1 (0 .. N-1 by default), each a dense/FST pair with "
         "the same initialization and batch order; report mean ± std of the final test accuracy "
-        "and the paired difference with its standard error (default: %(default)s)",
+        "(text: validation loss) and the paired difference with its standard error "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("runs"), help="output directory (default: %(default)s/)"
@@ -345,9 +352,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_overrides(args.config)
     except (ValueError, NotImplementedError) as e:
         parser.error(f"argument --config: {e}")
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS[args.dataset]
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    if args.dataset == "text":
+        return run_text(args, config, parser.error)
+    if args.seq_len is not None:
+        parser.error("argument --seq-len: applies to --dataset text only (the other data sets have "
+                     f"a fixed layout), got --dataset {args.dataset}")
+    if args.model is None:
+        args.model = "mlp"
+    if args.batch_size is None:
+        args.batch_size = 128
     width = args.width if args.width is not None else DEFAULT_WIDTH[args.model]
     depth = args.depth if args.depth is not None else DEFAULT_DEPTH[args.model]
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if args.model == "transformer" and width % NUM_HEADS:
         parser.error(
             f"argument --width: the transformer's d_model must be a multiple of {NUM_HEADS}, "
@@ -359,8 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"argument --batch-size: at most {len(data.x_train)} (the training set), "
             f"got {args.batch_size}"
         )
-    if args.steps is None:
-        args.steps = DEFAULT_STEPS[args.dataset]
     eval_every = args.eval_every if args.eval_every is not None else max(1, args.steps // 10)
     seeds = [args.seed + i for i in range(args.seeds)]
 
@@ -379,8 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fst_loss_fn = fst_jax.sparsify(loss_fn, config)
     fst_predict_fn = fst_jax.sparsify(predict_fn, config)
-    rotating = pattern_set(config.pattern) is not None or any(
-        pattern_set(dict(r.overrides).get("pattern")) is not None for r in config.rules)
+    rotating = is_rotating(config)
     if rotating:  # the forward product does not use the drawn pattern: any key evaluates the same
         fst_predict_fn = functools.partial(fst_predict_fn, fst_key=0)
     variants = (("dense", loss_fn, predict_fn), ("fst", fst_loss_fn, fst_predict_fn))

@@ -23,7 +23,7 @@ from fst_jax._config import FSTConfig
 from fst_jax.train.data import Dataset
 from fst_jax.train.loop import Params, PredictFn, _all_examples, _eval_fn
 
-__all__ = ["PrunedModel", "evaluate_pruned"]
+__all__ = ["PrunedModel", "evaluate_pruned", "mask_parts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,35 @@ def evaluate_pruned(
             cache[key] = evaluate
     train_loss, test_loss, test_acc = evaluate(pruned_params, x_all, y_all)
 
+    return PrunedModel(
+        train_loss=float(train_loss),
+        test_loss=float(test_loss),
+        test_accuracy=float(test_acc),
+        **mask_parts(params, masks),
+    )
+
+
+def mask_parts(params: Params, masks: Any) -> dict[str, Any]:
+    """Which parameters a :class:`fst_jax.Masks` prunes, leaves dense (and why), or leaves alone.
+
+    Args:
+      params: the parameters the masks were computed for.
+      masks: :func:`fst_jax.forward_masks`'s result for them.
+
+    Returns:
+      The :class:`PrunedModel` fields ``pruned``, ``kept``, ``total``, ``dense_weights``,
+      ``others`` and ``not_exportable``, by name.
+
+    Example:
+      >>> import fst_jax, jax.numpy as jnp
+      >>> from fst_jax.train.pruned import mask_parts
+      >>> def f(p, x):
+      ...     return jnp.tanh(jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]) @ p["c"]).sum()
+      >>> params = {k: jnp.ones((8, 8)) for k in "abc"}
+      >>> parts = mask_parts(params, fst_jax.forward_masks(f)(params, jnp.ones((4, 8))))
+      >>> parts["pruned"], parts["kept"], sorted(parts["dense_weights"])
+      (("['b']",), 32, ["['a']", "['c']"])
+    """
     # Only the documented parts of Masks: .tree (params' structure, None = kept whole),
     # .not_exportable and, for the reasons, .unmasked (path -> why no mask).
     mask_leaves = jax.tree_util.tree_leaves(masks.tree, is_leaf=lambda x: x is None)
@@ -171,14 +200,5 @@ def evaluate_pruned(
             others.append(path)
         else:
             dense_weights[path] = _reason(unmasked.get(path, "dense in the forward product"))
-    return PrunedModel(
-        train_loss=float(train_loss),
-        test_loss=float(test_loss),
-        test_accuracy=float(test_acc),
-        pruned=tuple(pruned),
-        kept=kept,
-        total=total,
-        dense_weights=dense_weights,
-        others=tuple(others),
-        not_exportable=not_exportable,
-    )
+    return {"pruned": tuple(pruned), "kept": kept, "total": total, "dense_weights": dense_weights,
+            "others": tuple(others), "not_exportable": not_exportable}
