@@ -8,14 +8,14 @@
 * grad-weight ``dW = (M ⊙ A)ᵀ·dY' + λ(1−m_f)⊙W``  ``dY'[t] = dY[t] + s·dY[t−1]``
 
 with each product switched to its alternative or to dense by the static :class:`GemmPlan`. The
-weight is **prepared** once (:func:`prepare`: the masks, ``W_f`` and ``W_b``, with the
-straight-through estimator as its derivative), and the matmul (:func:`_fst_dot`, one
-``custom_vjp`` for fixed and rotating patterns) takes ``W_f`` and the bool mask of ``W_b``: the
-backward pass keeps the weight and that mask, and recomputes no mask. :mod:`fst_jax._transform` prepares a loop-invariant weight once
-outside its loop and shares it between the matmuls that use it. The grad-input and grad-weight
-products are formed with ``jax.vjp`` of the original ``dot_general`` / ``conv_general_dilated``
-on the masked operands, so their layouts, precision and dtypes are exactly those of JAX's own
-transpose rules.
+weight is **prepared** once (:func:`prepare`: the masks and ``W_f``, with the straight-through
+estimator as its derivative), and the matmul (:func:`_fst_dot`, one ``custom_vjp`` for fixed and
+rotating patterns) takes ``W_f`` and the bool mask of ``W_b``: the backward pass keeps the weight
+and that mask, and recomputes no mask. :mod:`fst_jax._transform` prepares a loop-invariant weight
+once outside its loop and shares it between the matmuls that use it. The grad-input and
+grad-weight products are formed with ``jax.vjp`` of the original ``dot_general`` /
+``conv_general_dilated`` on the masked operands, so their layouts, precision and dtypes are
+exactly those of JAX's own transpose rules.
 
 Compact mode computes the grad-weight product from the kept half of the tokens only: strided
 slices of a matmul's activation, or for a convolution backward-filter convolutions over sub-grids

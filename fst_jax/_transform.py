@@ -70,8 +70,9 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
     """Any higher-order primitive: re-trace each sub-jaxpr that holds a planned matmul, re-bind.
 
     A re-traced body that closes over a value of an outer trace (the drawn choice of a rotating
-    matmul, a hoisted prepared weight) has tracer constants, which a re-bound primitive cannot hold: such an equation is
-    re-invoked through the primitive's public API (:data:`CLOSURE`), which closure-converts.
+    matmul, a hoisted prepared weight) has tracer constants, which a re-bound primitive cannot
+    hold: such an equation is re-invoked through the primitive's public API (:data:`CLOSURE`),
+    which closure-converts.
     """
     new_subs: dict[tuple[str, int], Any] = {}
     for key, j, sub in subjaxprs(eqn.params):
@@ -114,9 +115,9 @@ REWRITE = {p: rule for p, rule in ((_compat.P["shard_map"], _rewrite_shard_map),
 
 # ------------------------------------------------------------------------------------------------
 # Closure conversion: a rewritten body that closes over values of the outer trace (the drawn choice
-# of a rotating matmul, a prepared weight hoisted out of the body) is run through the primitive's public API, which turns those values into
-# operands. Each rule gets the equation, its operands and every sub-jaxpr (rewritten or not) by
-# (param name, index), and returns the outputs.
+# of a rotating matmul, a prepared weight hoisted out of the body) is run through the primitive's
+# public API, which turns those values into operands. Each rule gets the equation, its operands
+# and every sub-jaxpr (rewritten or not) by (param name, index), and returns the outputs.
 
 
 def _body(closed: Any) -> Callable[..., list[Any]]:

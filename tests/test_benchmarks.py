@@ -57,7 +57,8 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
         flops = results["flops"][model]
         assert _positive(flops["dense"]) and _positive(flops["fst"])
         assert flops["fst"] < flops["dense"]  # every weight matmul is sparse in the benchmark config
-        # the compact mode keeps half of each sparse matmul's activation
-        assert results["memory"][model]["compact"]["residual_bytes"] < results["memory"][model]["dense"]["residual_bytes"]
+        # the compact mode keeps half of each sparse matmul's activation (both FST modes also keep
+        # two bool masks per sparse weight, which at these tiny shapes outweigh that half)
+        assert mem["compact"]["residual_bytes"] < mem["masked"]["residual_bytes"]
 
     assert results["targets"] and all(t["met"] in ("met", "MISSED") for t in results["targets"])

@@ -126,7 +126,7 @@ def test_test_extra_covers_the_tests_and_benchmarks() -> None:
     jax: jaxlib, ml_dtypes)."""
     files = [ROOT / "conftest.py", *sorted((ROOT / "tests").glob("*.py")),
              *sorted((ROOT / "benchmarks").glob("*.py"))]
-    local = {"benchmarks", "references", "test_patterns"}  # tests that import another test module
+    local = {"benchmarks"} | {f.stem for f in (ROOT / "tests").glob("*.py")}  # the tests' own helpers
     with_jax = {"jaxlib", "ml_dtypes"}
     have = _extra("test") | _names(PYPROJECT["dependencies"]) | with_jax
     # the GPU benchmark's peer, run in its own process only where torch is installed (the GPU machine)
