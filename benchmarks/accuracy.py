@@ -55,7 +55,6 @@ from tqdm import tqdm
 
 import fst_jax
 from fst_jax.train import DEFAULT_STEPS, mean_std_se
-from fst_jax.train.lm import is_rotating
 
 from benchmarks.run import RESULTS_MD, _loadavg, append_section, machine_info, machine_lines, md_table  # noqa: F401
 
@@ -91,6 +90,7 @@ ABLATION_VARIANTS: dict[str, tuple[str, list[str], str]] = {
                  ["pattern=rotating"], "adamw"),
     "rotating_ceo": ("pattern=checkerboard,even,odd (rotating)", ["pattern=checkerboard,even,odd"], "adamw"),
     "prune_grad_output": ("grad_weight=prune_grad_output (saliency)", ["grad_weight=prune_grad_output"], "adamw"),
+    "mvue": ("grad_weight=mvue (unbiased 2:4 sample of dY)", ["grad_weight=mvue"], "adamw"),
     "sr_ste_0": ("sr_ste=0", ["sr_ste=0"], "adamw"),
     "sr_ste_2e-3": ("sr_ste=2e-3", ["sr_ste=2e-3"], "adamw"),
     "sr_ste_2e-2": ("sr_ste=2e-2", ["sr_ste=2e-2"], "adamw"),
@@ -350,7 +350,7 @@ class Runner:
             rotating = False
             if variant == "fst":
                 config = train.config_from_overrides(s["config"])
-                rotating = is_rotating(config)  # the step number is the fst_key, as in fst-jax train
+                rotating = config.needs_fst_key  # the step number is the fst_key, as in fst-jax train
                 loss_fn, predict_fn = fst_jax.sparsify(loss_fn, config), fst_jax.sparsify(predict_fn, config)
                 if rotating:  # the forward product does not use the draw: any key evaluates the same
                     predict_fn = functools.partial(predict_fn, fst_key=0)

@@ -1,4 +1,4 @@
-"""The accuracy study's language model: fixed vs rotating activation patterns on a char-level GPT.
+"""The accuracy study's language model: fixed vs rotating patterns vs MVUE on a char-level GPT.
 
 Run from the repository root::
 
@@ -16,6 +16,8 @@ on Python's standard-library sources (:func:`~fst_jax.text.load_corpus`, 2 M cha
 * ``rotating``: FST, ``FSTConfig(pattern="rotating")`` (the authors' four patterns, drawn per layer
   and per step from ``fst_key`` = the step number);
 * ``rotating_ceo``: FST, ``FSTConfig(pattern=("checkerboard", "even", "odd"))``.
+* ``mvue``: FST, ``FSTConfig(grad_weight="mvue")`` (the grad-weight product on the minimum-variance
+  unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask).
 
 Every variant of a seed starts from the same initialization (``jax.random.key(seed)``) and sees the
 same batches. The metric is the validation loss (nats per character) and bits per character of the
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import fst_jax
 from fst_jax import text
 from fst_jax.train import make_optimizer, mean_std_se
-from fst_jax.train.lm import evaluate_text_pruned, is_rotating, train_text
+from fst_jax.train.lm import evaluate_text_pruned, train_text
 
 from benchmarks.run import _loadavg, append_section, machine_info, machine_lines, md_table
 
@@ -60,6 +62,8 @@ VARIANTS: dict[str, tuple[str, fst_jax.FSTConfig | None]] = {
                  fst_jax.FSTConfig(pattern="rotating")),
     "rotating_ceo": ("FST, rotating over (checkerboard, even, odd)",
                      fst_jax.FSTConfig(pattern=("checkerboard", "even", "odd"))),
+    "mvue": ("FST, grad-weight by the unbiased 2:4 sample of dY (`grad_weight=\"mvue\"`)",
+             fst_jax.FSTConfig(grad_weight="mvue")),
 }
 EVAL_WINDOWS = 512  # 512 windows of 128 characters: 64 Ki validation characters
 FULL = {"steps": 600, "batch_size": 16, "d_model": 256, "layers": 2, "heads": 4, "seq_len": 128,
@@ -97,7 +101,7 @@ def run_one(variant: str, seed: int, settings: dict[str, Any], *, quiet: bool = 
     params = model.init(jax.random.key(seed), jnp.zeros((1, s["seq_len"]), jnp.int32))["params"]
     loss = text.make_loss(model)
     config = VARIANTS[variant][1]
-    rotating = config is not None and is_rotating(config)
+    rotating = config is not None and config.needs_fst_key
     train_loss = loss if config is None else fst_jax.sparsify(loss, config)
     eval_loss = (lambda p, x, y: train_loss(p, x, y, fst_key=0)) if rotating else train_loss
     tx = make_optimizer("adamw", s["lr"], s["steps"])

@@ -22,6 +22,7 @@ from fst_jax._export import prune_params as prune_params
 from fst_jax._masks import apply_mask as apply_mask
 from fst_jax._masks import gradient_shift as gradient_shift
 from fst_jax._masks import mask_2to4 as mask_2to4
+from fst_jax._masks import mvue_2to4 as mvue_2to4
 from fst_jax._masks import token_mask as token_mask
 from fst_jax._masks import transposable_mask_2to4 as transposable_mask_2to4
 from fst_jax._report import Report as Report
@@ -51,6 +52,7 @@ __all__ = [
     "forward_masks",
     "gradient_shift",
     "mask_2to4",
+    "mvue_2to4",
     "prune_params",
     "pruned_params",
     "report",

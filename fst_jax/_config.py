@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 GradInput = Literal["prune_output_dim", "transposable", "dense"]
-GradWeight = Literal["fixed_mask", "prune_grad_output", "dense"]
+GradWeight = Literal["fixed_mask", "prune_grad_output", "mvue", "dense"]
 Pattern = Literal["checkerboard", "even", "odd", "rotating"] | tuple[str, ...]
 Mode = Literal["masked", "compact"]
 Backend = Literal["xla", "pallas", "cusparselt", "auto"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "grad_input": ("prune_output_dim", "transposable", "dense"),
-    "grad_weight": ("fixed_mask", "prune_grad_output", "dense"),
+    "grad_weight": ("fixed_mask", "prune_grad_output", "mvue", "dense"),
     "mode": ("masked", "compact"),
     "backend": ("xla", "pallas", "cusparselt", "auto"),
 }
@@ -194,7 +194,14 @@ class FSTConfig:
         forward and backward products; ``"dense"`` uses the forward weight as it is.
       grad_weight: how the grad-weight product ``dW = Aᵀ·dY`` is sparsified:
         ``"fixed_mask"`` (a fixed 2:4 token mask on the activation, with the gradient shift),
-        ``"prune_grad_output"`` (magnitude 2:4 on ``dY`` along the token axis) or ``"dense"``.
+        ``"prune_grad_output"`` (magnitude 2:4 on ``dY`` along the token axis), ``"mvue"`` or
+        ``"dense"``. ``"mvue"``: the minimum-variance unbiased 2:4 sample of ``dY`` along the
+        token axis (:func:`fst_jax.mvue_2to4`; ``T % 4 == 0``), an unbiased estimate of ``dW``
+        with no fixed token mask and no gradient shift (``pattern`` and ``restore_scale`` do not
+        apply); random, so it needs ``fst_key`` like a rotating pattern (each layer draws its own
+        seed per call; the iterations of a loop around a matmul share it). It keeps the whole
+        activation for the backward pass and, on XLA, runs a dense GEMM on the sampled ``dY``
+        (a GPU's 2:4 tensor cores would take ``dY`` as the sparse operand).
       pattern: the fixed token mask: ``"checkerboard"`` keeps ``(t + k) % 2 == 0``, ``"even"``
         keeps even tokens, ``"odd"`` odd tokens. Default ``"checkerboard"`` (the paper's): in the
         accuracy study ``"odd"`` was within noise of it at all three ablation settings and
@@ -330,3 +337,18 @@ class FSTConfig:
           'even'
         """
         return dataclasses.replace(self, **changes)
+
+    @property
+    def needs_fst_key(self) -> bool:
+        """Whether a function sparsified with this config takes ``fst_key=``: a rotating pattern or
+        ``grad_weight="mvue"``, in the config or in one of its rules' overrides.
+
+        Example:
+          >>> import fst_jax
+          >>> fst_jax.FSTConfig().needs_fst_key, fst_jax.FSTConfig(pattern="rotating").needs_fst_key
+          (False, True)
+          >>> fst_jax.FSTConfig(grad_weight="mvue").needs_fst_key
+          True
+        """
+        layers = [self.__dict__] + [dict(r.overrides) for r in self.rules]
+        return any(pattern_set(f.get("pattern")) is not None or f.get("grad_weight") == "mvue" for f in layers)

@@ -49,7 +49,7 @@ class Reason(enum.Enum):
     NO_TOKEN_AXIS = "no token axis"
     BAD_TOKEN_AXIS = "token_axis={axis} is not a free dimension of the activation {shape}"
     FEW_TOKENS = "{T} token: fewer than 2"
-    T_NOT_4 = "T={T} not divisible by 4 (prune_grad_output prunes dY 2:4 along the tokens)"
+    T_NOT_4 = "T={T} not divisible by 4 ({how} samples dY 2:4 along the tokens)"
     # backend notes (the product stays sparse, on another backend)
     KERNEL_LAYOUT = "not a plain matmul for the kernels (2-D weight, one contracting dim, no batch dims, one float dtype)"
 
@@ -319,8 +319,8 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         gw = geo.token_problem
     elif geo.T < 2:
         gw = _dense(Reason.FEW_TOKENS, T=geo.T)
-    elif cfg.grad_weight == "prune_grad_output" and geo.T % 4:
-        gw = _dense(Reason.T_NOT_4, T=geo.T)
+    elif cfg.grad_weight in ("prune_grad_output", "mvue") and geo.T % 4:
+        gw = _dense(Reason.T_NOT_4, T=geo.T, how=cfg.grad_weight)
     elif cfg.grad_weight == "fixed_mask" and rotating is not None:
         a_free = geo.identity.act_free
         compact = cfg.mode == "compact" and not site.conv and bool(a_free) and geo.t_axis == a_free[-1]
@@ -334,6 +334,8 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         compact = cfg.mode == "compact" and geo.T % 2 == 0
         how = "compact" if compact else ("masked (odd T)" if cfg.mode == "compact" else "masked")
         gw = Product(True, variant=f"fixed_mask, {cfg.pattern}, {how}", executed=0.5 if compact else 1.0)
+    elif cfg.grad_weight == "mvue":
+        gw = Product(True, variant="mvue, masked (keeps the whole activation)")
     else:
         gw = Product(True, variant=cfg.grad_weight)
     if not (fwd.sparse or gi.sparse or gw.sparse):

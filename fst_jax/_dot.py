@@ -52,7 +52,7 @@ class GemmPlan:
     weight_side: int  # 0: the weight is the lhs, 1: the rhs
     forward: bool
     grad_input: str  # "prune_output_dim" | "transposable" | "dense"
-    grad_weight: str  # "fixed_mask" | "prune_grad_output" | "dense"
+    grad_weight: str  # "fixed_mask" | "prune_grad_output" | "mvue" | "dense"
     k_axis: int
     o_axis: int | None
     t_axis: int | None
@@ -76,6 +76,12 @@ class GemmPlan:
         """Whether the grad-weight token mask is drawn per step from ``patterns`` (a traced choice
         enters :func:`rotating_dot` as an operand)."""
         return bool(self.patterns) and self.grad_weight == "fixed_mask"
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the matmul draws from ``fst_key``: a rotating pattern (the drawn index enters as
+        ``choice``) or the ``"mvue"`` grad-weight (``choice`` is the layer's drawn seed)."""
+        return self.rotating or self.grad_weight == "mvue"
 
     @property
     def rotating_compact(self) -> bool:
@@ -213,7 +219,17 @@ def _token_keep(plan: GemmPlan, shape: tuple[int, ...]) -> jax.Array:
     return (p + k) % 2 == 0
 
 
-def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+MVUE_SEEDS = 2**31 - 1  # a layer's mvue seed is drawn like a pattern index from this many
+MVUE_SEED = 0x4D565545  # the base key of the mvue samples: fold_in(key(MVUE_SEED), seed)
+
+
+def _mvue(dy: jax.Array, axis: int, seed: jax.Array) -> jax.Array:
+    """The minimum-variance unbiased 2:4 sample of ``dy`` along ``axis`` for a layer's drawn seed."""
+    return _masks.mvue_2to4(dy, jax.random.fold_in(jax.random.key(MVUE_SEED), seed), axis)
+
+
+def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array,
+                          seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(A', dY') such that dW = vjp_W(A'·W)(dY')."""
     if plan.grad_weight == "fixed_mask":
         mask = _token_keep(plan, a.shape)
@@ -221,6 +237,8 @@ def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array) -> tuple[
         return a_kept, _masks.gradient_shift(dy, plan.t_out_axis, plan.restore_scale)
     if plan.grad_weight == "prune_grad_output":
         return a, _masks.apply_mask(dy, _masks.mask_2to4(dy, axis=plan.t_out_axis))
+    if plan.grad_weight == "mvue":
+        return a, _mvue(dy, plan.t_out_axis, seed)
     return a, dy
 
 
@@ -455,7 +473,8 @@ def _flat_tokens(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, Any]:
         lambda y: jnp.moveaxis(y.reshape(moved.shape), ends, axes)
 
 
-def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array) -> jax.Array:
+def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax.Array,
+                      seed: jax.Array) -> jax.Array:
     def grad(g: jax.Array) -> jax.Array:
         _, vjp_w = jax.vjp(lambda w: _dot(plan, act, w), weight)
         return vjp_w(g)[0]
@@ -465,6 +484,8 @@ def _conv_grad_weight(plan: GemmPlan, act: jax.Array, weight: jax.Array, dy: jax
     flat, unflat = _flat_tokens(dy, plan.t_out_axes)
     if plan.grad_weight == "prune_grad_output":
         return grad(unflat(_masks.apply_mask(flat, _masks.mask_2to4(flat, axis=-1))))
+    if plan.grad_weight == "mvue":
+        return grad(unflat(_mvue(flat, -1, seed)))
     shifted = _masks.gradient_shift(flat, -1, plan.restore_scale)
     t = lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1)
     if plan.tokens % 2:  # p = n·T + t over the images n of the batch
@@ -692,10 +713,10 @@ def _fst_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, Any, jax.Array], dy:
             d_w = _compact_grad_weight(plan, saved, weight, dy)
     elif plan.conv:
         act = saved
-        d_w = _conv_grad_weight(plan, act, weight, dy)
+        d_w = _conv_grad_weight(plan, act, weight, dy, choice)
     else:
         act = saved
-        a_g, dy_g = _grad_weight_operands(plan, act, dy)
+        a_g, dy_g = _grad_weight_operands(plan, act, dy, choice)
         _, vjp_w = jax.vjp(lambda w: _dot(plan, a_g, w), weight)
         (d_w,) = vjp_w(dy_g)
     d_act = _grad_input_product(plan, act, w_b, dy)
@@ -711,12 +732,12 @@ def sparse_dot(lhs: jax.Array, rhs: jax.Array, plan: GemmPlan, choice: jax.Array
 
     ``prepared``: the weight's :func:`prepare` when the caller prepared it once
     for several matmuls or outside a loop (the weight operand is then not read); otherwise the
-    weight is prepared here. A rotating plan takes ``choice``, the drawn pattern's index (an int32
-    scalar, traced).
+    weight is prepared here. A keyed plan (:attr:`GemmPlan.keyed`) takes ``choice`` (an int32
+    scalar, traced): a rotating plan's drawn pattern index, an ``"mvue"`` plan's drawn seed.
     """
     act, weight = (rhs, lhs) if plan.weight_side == 0 else (lhs, rhs)
-    if plan.rotating and choice is None:
-        raise ValueError("fst_jax: a rotating pattern needs the drawn choice (internal error)")
+    if plan.keyed and choice is None:
+        raise ValueError("fst_jax: a keyed plan needs the drawn choice (internal error)")
     w, w_f, keep_b = prepared if prepared is not None else prepare(weight, weight_spec(plan))
     with jax.named_scope(MARKER):
-        return _fst_dot(act, w, w_f, keep_b, jnp.asarray(choice if plan.rotating else 0, jnp.int32), plan)
+        return _fst_dot(act, w, w_f, keep_b, jnp.asarray(choice if plan.keyed else 0, jnp.int32), plan)

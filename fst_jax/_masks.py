@@ -6,6 +6,7 @@
   per tile, listed in :data:`TRANSPOSABLE_PATTERNS`).
 * :func:`token_mask`: the fixed activation masks (``"checkerboard"``, ``"even"``, ``"odd"``).
 * :func:`gradient_shift`: the information-restoration shift ``dY + s·roll(dY, 1)``.
+* :func:`mvue_2to4`: the minimum-variance unbiased 2:4 sampling of a gradient (random, keyed).
 * :func:`rotating_token_mask` and :func:`draw_pattern`: the authors' rotating activation masks
   (one of a set of half-token patterns, :data:`TOKEN_PATTERNS`, drawn per layer per step from a
   key or step counter the caller passes); :func:`pattern_phase` is their common form.
@@ -43,6 +44,7 @@ __all__ = [
     "draw_pattern",
     "gradient_shift",
     "mask_2to4",
+    "mvue_2to4",
     "pattern_phase",
     "rotating_token_mask",
     "token_mask",
@@ -368,6 +370,82 @@ AUTHORS_PATTERNS: tuple[str, ...] = TOKEN_PATTERNS[:4]
 > 3/4): ``("alternating", "odd", "anti_checkerboard", "checkerboard")``."""
 
 #: The fixed seed a step counter is folded into by :func:`draw_pattern` ("FST!" in ASCII).
+def mvue_2to4(x: jax.Array, key: jax.Array, axis: int = -1) -> jax.Array:
+    """The minimum-variance unbiased 2:4 sampling of ``x``: in every 4 consecutive entries along
+    ``axis``, 2 are kept, rescaled so that the expectation over ``key`` is ``x`` itself.
+
+    Entry ``i`` of a group is kept with probability ``p_i = min(1, c·|x_i|)``, ``c`` such that the
+    ``p_i`` sum to 2 (the inclusion probabilities that minimise the variance of an unbiased 2-of-4
+    sample), and a kept entry becomes ``x_i / p_i``; exactly 2 entries are chosen by systematic
+    sampling (one uniform ``u`` per group; the entries whose intervals of the cumulative ``p``
+    hold ``u`` and ``u + 1``). An all-zero group stays zero. Computed in float32 (or wider) and
+    returned in ``x`` 's dtype. This is the estimator that 2:4 pre-training work applies to the
+    gradient of the grad-weight product (Chmiel et al., ICLR 2023; Hu et al., ICML 2024).
+
+    Args:
+      x: a floating array.
+      key: a PRNG key (``jax.random.key``); the same key gives the same sample.
+      axis: the axis along which groups of 4 are formed; ``x.shape[axis] % 4 == 0``.
+
+    Returns:
+      An array of ``x`` 's shape and dtype with exactly 2 nonzeros (at most) in every group of 4.
+
+    Raises:
+      ValueError: if ``axis`` is out of range or ``x.shape[axis]`` is not a multiple of 4.
+      TypeError: if ``x`` is not floating.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from fst_jax._masks import mvue_2to4
+      >>> x = jnp.array([4.0, -2.0, 1.0, 1.0])
+      >>> y = mvue_2to4(x, jax.random.key(0))
+      >>> int((y != 0).sum())
+      2
+      >>> keys = jax.random.split(jax.random.key(1), 20000)
+      >>> mean = jax.vmap(lambda k: mvue_2to4(x, k))(keys).mean(0)
+      >>> bool(jnp.allclose(mean, x, atol=0.1))  # unbiased
+      True
+    """
+    x = jnp.asarray(x)
+    axis = _normalize_axis("mvue_2to4", "axis", axis, x.ndim)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"mvue_2to4: argument x must be a floating array, got dtype {x.dtype}")
+    if x.shape[axis] % 4:
+        raise ValueError(f"mvue_2to4: argument x has shape {x.shape}; its length {x.shape[axis]} along "
+                         f"axis {axis} must be a multiple of 4")
+    return _mvue_2to4(x, key, axis)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _mvue_2to4(x: jax.Array, key: jax.Array, axis: int) -> jax.Array:
+    shape = x.shape
+    grouped = shape[:axis] + (shape[axis] // 4, 4) + shape[axis + 1:]
+    g = axis + 1  # the axis within a group
+    xg = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(grouped)
+    mag = jnp.abs(xg)
+    total = jnp.sum(mag, g, keepdims=True)
+    top = jnp.max(mag, g, keepdims=True)
+    # p = 2|x|/total, unless one entry would exceed 1 (2·top > total): it is kept surely, and the
+    # other three share one draw, p = |x|/(total - top). At most one entry can exceed: top > rest.
+    capped = 2 * top > total
+    rest = total - top
+    p_capped = jnp.where(mag == top, 1.0, mag / jnp.where(rest > 0, rest, 1.0))
+    p = jnp.where(capped, p_capped, 2 * mag / jnp.where(total > 0, total, 1.0))
+    p = jnp.where(total > 0, p, 0.5)
+    # Systematic sampling: the boundaries b_0 <= b_1 <= b_2 of the cumulative p (b_3 = 2); u in
+    # [0, 1) picks the entry whose interval holds u, u + 1 the one whose interval holds it. The
+    # two are forced apart (one float rounding away at most), so exactly 2 are kept.
+    bounds = jnp.cumsum(p, axis=g)
+    u = jax.random.uniform(key, top.shape, p.dtype)
+    below = lambda v: sum((lax.index_in_dim(bounds, j, g) <= v).astype(jnp.int32) for j in range(3))
+    first = jnp.minimum(below(u), 2)
+    second = jnp.maximum(below(u + 1), first + 1)
+    idx = lax.broadcasted_iota(jnp.int32, grouped, g)
+    keep = (idx == first) | (idx == second)
+    out = jnp.where(keep & (p > 0), xg / jnp.where(p > 0, p, 1.0), 0.0)
+    return out.reshape(shape).astype(x.dtype)
+
+
 STEP_SEED = 0x46535421
 
 

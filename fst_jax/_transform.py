@@ -28,7 +28,7 @@ from fst_jax import _compat
 from fst_jax._analysis import View, run_jaxpr, subjaxprs
 from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
-from fst_jax._dot import GemmPlan, prepare, sparse_dot, weight_spec
+from fst_jax._dot import MVUE_SEEDS, GemmPlan, prepare, sparse_dot, weight_spec
 from fst_jax._export import Use, leaf_masks, replay, sparse_uses, use_mask, view_key
 from fst_jax._masks import _as_key, draw_pattern
 from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
@@ -301,7 +301,7 @@ class _Entry:
 
 def rotating(traced: Traced) -> bool:
     """Whether a trace has a rotating-pattern matmul (and so needs ``fst_key``)."""
-    return any(d.plan is not None and d.plan.rotating for d in traced.decisions)
+    return any(d.plan is not None and d.plan.keyed for d in traced.decisions)
 
 
 def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
@@ -319,8 +319,8 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
     in_avals = [v.aval for v in jaxpr.invars]
     where = [i for i, p in enumerate(traced.is_param) if p]  # flat position of each parameter leaf
     prep = _Prep(traced, [tuple(in_avals[i].shape) for i in where])
-    draws = [(d.site.path, d.index, len(d.plan.patterns)) for d in traced.decisions
-             if d.plan is not None and d.plan.rotating]
+    draws = [(d.site.path, d.index, len(d.plan.patterns) if d.plan.rotating else MVUE_SEEDS)
+             for d in traced.decisions if d.plan is not None and d.plan.keyed]
 
     def flat_fn(*leaves: Any) -> list[Any]:
         leaves = list(leaves)
@@ -339,15 +339,19 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
 
 def _check_fst_key(fst_key: Any, traced: Traced, fn_name: str) -> Any:
     """``fst_key`` as an array, or a clear error when it is missing or not a key or step."""
-    layers = [d.index for d in traced.decisions if d.plan is not None and d.plan.rotating]
+    layers = [d.index for d in traced.decisions if d.plan is not None and d.plan.keyed]
     if fst_key is None:
+        plans = [d.plan for d in traced.decisions if d.plan is not None and d.plan.keyed]
+        why = ([f"a rotating pattern (FSTConfig.pattern={traced.config.pattern!r})"] if any(p.rotating for p in plans)
+               else []) + (["grad_weight='mvue'"] if any(p.grad_weight == "mvue" for p in plans) else [])
         raise TypeError(
-            f"{fn_name}: a rotating pattern (FSTConfig.pattern={traced.config.pattern!r} or a rule's override; "
-            f"matmuls {layers}) draws each layer's grad-weight token pattern per step from the keyword argument "
-            f"`fst_key`, and this call passed none. Pass a step counter or a PRNG key, e.g. "
+            f"{fn_name}: {' and '.join(why)}, in the config or a rule's override (matmuls {layers}), draws "
+            f"each layer's grad-weight token pattern or sample per step from the keyword argument `fst_key`, and "
+            f"this call passed none. Pass a step counter or a PRNG key, e.g. "
             f"`jax.grad(loss)(params, batch, fst_key=step)` inside your jitted train step (a traced step: one "
             f"compile serves every step), or `fst_key=jax.random.fold_in(key, step)`; or use a fixed pattern "
-            f"(FSTConfig(pattern='checkerboard'), 'even' or 'odd'), which needs no key.")
+            f"(FSTConfig(pattern='checkerboard'), 'even' or 'odd') and grad_weight='fixed_mask', which need no "
+            f"key.")
     if isinstance(fst_key, (bool, float, str)):
         raise TypeError(f"{fn_name}: fst_key must be a PRNG key (jax.random.key(...) or a raw uint32[2] key) or an "
                         f"integer step counter, got {type(fst_key).__name__} ({fst_key!r:.60})")

@@ -39,7 +39,7 @@ from fst_jax.train.loop import (
     make_optimizer,
     train_run,
 )
-from fst_jax.train.lm import TEXT_BATCH, TEXT_DEPTH, TEXT_SEQ_LEN, TEXT_WIDTH, is_rotating, run_text
+from fst_jax.train.lm import TEXT_BATCH, TEXT_DEPTH, TEXT_SEQ_LEN, TEXT_WIDTH, run_text
 from fst_jax.train.model import DEFAULT_DEPTH, DEFAULT_WIDTH, NUM_HEADS, init_model
 from fst_jax.train.plots import plot_curves
 from fst_jax.train.pruned import evaluate_pruned
@@ -395,8 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     fst_loss_fn = fst_jax.sparsify(loss_fn, config)
     fst_predict_fn = fst_jax.sparsify(predict_fn, config)
-    rotating = is_rotating(config)
-    if rotating:  # the forward product does not use the drawn pattern: any key evaluates the same
+    keyed = config.needs_fst_key
+    if keyed:  # the forward product does not use the drawn pattern or sample: any key evaluates the same
         fst_predict_fn = functools.partial(fst_predict_fn, fst_key=0)
     variants = (("dense", loss_fn, predict_fn), ("fst", fst_loss_fn, fst_predict_fn))
     tx = make_optimizer(args.optimizer, lr, args.steps, args.schedule)
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trained, runs[variant] = train_run(
                 variant, lf, pf, params, data, batches, tx,
                 eval_every=eval_every, quiet=args.quiet, cache=caches[variant],
-                fst_key=rotating and variant == "fst",
+                fst_key=keyed and variant == "fst",
             )
             if variant == "fst":
                 # The model FST trained is the 2:4 one: export it as a user would and evaluate it

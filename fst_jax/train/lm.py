@@ -32,11 +32,11 @@ import optax
 
 import fst_jax
 from fst_jax import text
-from fst_jax._config import FSTConfig, pattern_set
+from fst_jax._config import FSTConfig
 from fst_jax.train.pruned import PrunedModel, mask_parts
 from fst_jax.train.stats import mean_std_se
 
-__all__ = ["TextRun", "evaluate_text_pruned", "is_rotating", "run_text", "text_summary", "text_table",
+__all__ = ["TextRun", "evaluate_text_pruned", "run_text", "text_summary", "text_table",
            "train_text"]
 
 TEXT_MODEL = "transformer"  # the only --model that applies: the CharGPT
@@ -48,25 +48,6 @@ TEXT_CHARS = 2_000_000  # corpus length: 1.8 M train / 0.2 M validation characte
 EVAL_WINDOWS = 512  # validation windows of seq_len characters (64 Ki characters at 128)
 
 Params = Any
-
-
-def is_rotating(config: FSTConfig) -> bool:
-    """Whether ``config`` (or one of its rules) draws a rotating pattern, so needs ``fst_key=``.
-
-    Args:
-      config: the FST config.
-
-    Returns:
-      True when a sparsified function needs the ``fst_key`` keyword.
-
-    Example:
-      >>> from fst_jax import FSTConfig
-      >>> from fst_jax.train.lm import is_rotating
-      >>> is_rotating(FSTConfig()), is_rotating(FSTConfig(pattern="rotating"))
-      (False, True)
-    """
-    return pattern_set(config.pattern) is not None or any(
-        pattern_set(dict(r.overrides).get("pattern")) is not None for r in config.rules)
 
 
 @dataclasses.dataclass
@@ -269,7 +250,7 @@ def evaluate_text_pruned(
     config = FSTConfig() if config is None else config
     shape = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     masks = fst_jax.forward_masks(loss_fn, config)(
-        params, shape, shape, **({"fst_key": 0} if is_rotating(config) else {}))
+        params, shape, shape, **({"fst_key": 0} if config.needs_fst_key else {}))
     pruned = fst_jax.prune_params(params, masks)
     val = text.evaluate(loss_fn, pruned, corpus.val, seq_len=seq_len, max_windows=eval_windows)
     train = text.evaluate(loss_fn, pruned, corpus.train, seq_len=seq_len, max_windows=eval_windows)
@@ -429,7 +410,7 @@ def run_text(args: Any, config: FSTConfig, error: Callable[[str], Any]) -> int:
     model = text.CharGPT(d_model=width, num_heads=heads, num_layers=depth, seq_len=seq_len)
     loss = text.make_loss(model)
     fst_loss = fst_jax.sparsify(loss, config)
-    rotating = is_rotating(config)
+    rotating = config.needs_fst_key
     fst_eval = functools.partial(fst_loss, fst_key=0) if rotating else fst_loss
     tx = make_optimizer(args.optimizer, lr, steps, args.schedule)
     init = jax.jit(lambda key: model.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"])
