@@ -16,6 +16,7 @@ on Python's standard-library sources (:func:`~fst_jax.text.load_corpus`, 2 M cha
 * ``rotating``: FST, ``FSTConfig(pattern="rotating")`` (the authors' four patterns, drawn per layer
   and per step from ``fst_key`` = the step number);
 * ``rotating_ceo``: FST, ``FSTConfig(pattern=("checkerboard", "even", "odd"))``.
+* ``odd``: FST, ``FSTConfig(pattern="odd")`` (a fixed mask on the odd tokens, faster in compact mode);
 * ``mvue``: FST, ``FSTConfig(grad_weight="mvue")`` (the grad-weight product on the minimum-variance
   unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask).
 
@@ -62,6 +63,8 @@ VARIANTS: dict[str, tuple[str, fst_jax.FSTConfig | None]] = {
                  fst_jax.FSTConfig(pattern="rotating")),
     "rotating_ceo": ("FST, rotating over (checkerboard, even, odd)",
                      fst_jax.FSTConfig(pattern=("checkerboard", "even", "odd"))),
+    "odd": ("FST, fixed `pattern=\"odd\"` (odd tokens: one half GEMM in compact mode)",
+            fst_jax.FSTConfig(pattern="odd")),
     "mvue": ("FST, grad-weight by the unbiased 2:4 sample of dY (`grad_weight=\"mvue\"`)",
              fst_jax.FSTConfig(grad_weight="mvue")),
 }

@@ -1,4 +1,4 @@
-"""The rotating patterns' compact grad-weight product beside the fixed pattern and dense.
+"""The rotating patterns' compact grad-weight product beside the fixed pattern, MVUE and dense.
 
 Run from the repository root::
 
@@ -16,6 +16,9 @@ All on ``jax.default_backend()``, interleaved round-robin, each call waited for
   choice a traced int32 that changes every call (cycling through the authors' four): one batched
   ``dot_general`` over the two ``K`` parities.
 * *rotating, two GEMMs*: the same selects with two separate ``dot_general`` calls, for comparison.
+* *mvue*: ``grad_weight="mvue"``, ``Aᵀ·mvue_2to4(dY)`` along the tokens with a traced seed that
+  changes every call: the sample, then a dense GEMM (XLA has no 2:4 operand); *mvue sample*: the
+  sampling alone.
 * *… parts*: the forward-side cost, gathering the kept half of ``A`` from ``A``.
 """
 
@@ -64,6 +67,8 @@ def bench(t: int, k: int, o: int, warmup: int, runs: int, dtype: Any = jnp.float
     rot = jax.jit(lambda p, c, dy: _rotate.rotating_compact_grad_weight(
         p, c, dy, lay, weight_dtype=dtype, scale=scale))
     rot2 = jax.jit(lambda p, c, dy: _rotating_two_gemms(p, c, dy, lay, scale))
+    mvue_sample = jax.jit(lambda dy, seed: _dot._mvue(dy, 0, seed))
+    mvue = jax.jit(lambda a, dy, seed: a.T @ _dot._mvue(dy, 0, seed))
     choices = [jnp.int32(c) for c in range(4)]
     calls = {"n": 0}
 
@@ -76,12 +81,15 @@ def bench(t: int, k: int, o: int, warmup: int, runs: int, dtype: Any = jnp.float
         "fixed_checkerboard": lambda: fixed(fixed_parts, w, dy),
         "rotating": lambda: rot(rot_parts, next_choice(), dy),
         "rotating_two_gemms": lambda: rot2(rot_parts, next_choice(), dy),
+        "mvue": lambda: mvue(a, dy, next_choice()),
     }, warmup, runs)
     times.update(time_interleaved({  # the cheap gathers apart, not right after the GEMMs
         "fixed_parts": lambda: fixed_parts_fn(a),
         "rotating_parts": lambda: rot_parts_fn(a, next_choice()),
+        "mvue_sample": lambda: mvue_sample(dy, next_choice()),
     }, warmup, 3 * runs))
-    compiles = {"rotating": rot._cache_size(), "rotating_parts": rot_parts_fn._cache_size()}
+    compiles = {"rotating": rot._cache_size(), "rotating_parts": rot_parts_fn._cache_size(),
+                "mvue": mvue._cache_size()}
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {"T": t, "K": k, "O": o, "dtype": jnp.dtype(dtype).name, "runs": runs,
             "backend": jax.default_backend(), "loadavg": os.getloadavg(), "median_s": med,
@@ -91,9 +99,9 @@ def bench(t: int, k: int, o: int, warmup: int, runs: int, dtype: Any = jnp.float
 def table(res: dict[str, Any]) -> str:
     med = res["median_s"]
     rows = []
-    for name in ("dense", "fixed_checkerboard", "rotating", "rotating_two_gemms", "fixed_parts",
-                 "rotating_parts"):
-        ref = med["fixed_parts" if name.endswith("parts") else "fixed_checkerboard"]
+    for name in ("dense", "fixed_checkerboard", "rotating", "rotating_two_gemms", "mvue", "fixed_parts",
+                 "rotating_parts", "mvue_sample"):
+        ref = med["fixed_parts" if name.endswith(("parts", "sample")) else "fixed_checkerboard"]
         rows.append([name, f"{1e3 * med[name]:.2f}", f"{med['dense'] / med[name]:.2f}",
                      f"{med[name] / ref:.3f}"])
     return md_table(["variant", "median ms", "dense / variant", "variant / fixed"], rows)

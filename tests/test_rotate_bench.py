@@ -10,8 +10,8 @@ def test_rotate_benchmark_smoke(tmp_path, capsys):
     assert rotate.main(["--t", "64", "--k", "16", "--o", "16", "--warmup", "0", "--runs", "1",
                         "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["median_s"]) == {"dense", "fixed_checkerboard", "rotating", "rotating_two_gemms",
-                                    "fixed_parts", "rotating_parts"}
+    assert set(res["median_s"]) == {"dense", "fixed_checkerboard", "rotating", "rotating_two_gemms", "mvue",
+                                    "fixed_parts", "rotating_parts", "mvue_sample"}
     assert all(v > 0 for v in res["median_s"].values())
-    assert res["compiled_versions"] == {"rotating": 1, "rotating_parts": 1}
+    assert res["compiled_versions"] == {"rotating": 1, "rotating_parts": 1, "mvue": 1}
     assert "| rotating |" in capsys.readouterr().out
