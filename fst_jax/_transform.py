@@ -30,7 +30,7 @@ from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
 from fst_jax._dot import GemmPlan, prepare, sparse_dot, weight_spec
 from fst_jax._export import Use, leaf_masks, replay, sparse_uses, use_mask, view_key
-from fst_jax._masks import _as_key, draw_pattern
+from fst_jax._masks import _as_key, apply_mask, draw_pattern
 from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
 
 #: How many rewritten signatures one sparsified function keeps (least recently used dropped).
@@ -193,7 +193,7 @@ def _sr_ste_tap_fwd(lams: tuple[float, ...], read: tuple, drops: tuple):
 
 def _sr_ste_tap_bwd(lams: tuple[float, ...], res: tuple, g: tuple):
     read, drops = res
-    return tuple(gi + (lam * jnp.where(d, w, jnp.zeros_like(w))).astype(gi.dtype)
+    return tuple(gi + (lam * apply_mask(w, d)).astype(gi.dtype)
                  for lam, w, d, gi in zip(lams, read, drops, g)), None
 
 
