@@ -30,7 +30,7 @@ from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
 from fst_jax._dot import MVUE_SEEDS, GemmPlan, prepare, sparse_dot, weight_spec
 from fst_jax._export import Use, leaf_masks, replay, sparse_uses, use_mask, view_key
-from fst_jax._masks import _as_key, draw_pattern
+from fst_jax._masks import _as_key, apply_mask, draw_pattern
 from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
 
 #: How many rewritten signatures one sparsified function keeps (least recently used dropped).
@@ -193,11 +193,26 @@ def _sr_ste_tap_fwd(lams: tuple[float, ...], read: tuple, drops: tuple):
 
 def _sr_ste_tap_bwd(lams: tuple[float, ...], res: tuple, g: tuple):
     read, drops = res
-    return tuple(gi + (lam * jnp.where(d, w, jnp.zeros_like(w))).astype(gi.dtype)
+    return tuple(gi + (lam * apply_mask(w, d)).astype(gi.dtype)
                  for lam, w, d, gi in zip(lams, read, drops, g)), None
 
 
 _sr_ste_tap.defvjp(_sr_ste_tap_fwd, _sr_ste_tap_bwd)
+
+
+def _is_leaf(view: View) -> bool:
+    """Whether a view is a parameter leaf itself (no op between it and the matmul, no scan)."""
+    return view.mapped == 0 and view.node[0] == "leaf"
+
+
+def _uses(decisions: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Use]:
+    """:func:`fst_jax._export.sparse_uses` 's uses; when every sparse forward weight is a leaf itself,
+    without their index arrays (``index=None``: only :func:`leaf_masks` reads them, and
+    :meth:`_Prep.__call__` combines such leaves' masks without it)."""
+    views = [(d, (d.site.lhs, d.site.rhs)[d.weight_side].view) for d in decisions if d.plan.forward]
+    if all(_is_leaf(v) for _, v in views if isinstance(v, View)):
+        return [Use(d, v, None) for d, v in views if isinstance(v, View)]  # type: ignore[arg-type]
+    return sparse_uses(decisions, shapes)[0]
 
 
 def _hoistable(jaxpr: Any, path: tuple[Any, ...]) -> bool:
@@ -218,7 +233,7 @@ class _Prep:
 
     def __init__(self, traced: Traced, shapes: Sequence[tuple[int, ...]]):
         decisions = [d for d in traced.decisions if d.plan is not None]
-        uses, _ = sparse_uses(decisions, shapes)
+        uses = _uses(decisions, shapes)
         by_index = {u.decision.index: u for u in uses}
         # hoisted: a weight that is a view of the parameters and the same array in every iteration
         # of the loops around it (mapped == 0), inside sub-jaxprs that CLOSURE converts
@@ -251,10 +266,24 @@ class _Prep:
 
         if self.lams:
             read = sorted(self.lams)
-            combined = leaf_masks(self.sr_uses, [mask(u) if u.view.leaves & self.lams.keys() else None
-                                                 for u in self.sr_uses], read, self.shapes)
+            # A leaf that every use reads whole (the matmul's weight is the leaf itself) combines its
+            # masks directly, as leaf_masks would (AND / OR in use order, every entry reached);
+            # leaf_masks' index bookkeeping (sorts over every entry) is for the other leaves.
+            whole = {leaf for leaf in read
+                     if all(_is_leaf(u.view) for u in self.sr_uses if leaf in u.view.leaves)}
+            combined = {}
+            for u in self.sr_uses:
+                for leaf in u.view.leaves & whole:
+                    lo, hi = combined.get(leaf, (None, None))
+                    m = mask(u)
+                    combined[leaf] = (m if lo is None else lo & m, m if hi is None else hi | m)
+            rest = [leaf for leaf in read if leaf not in whole]
+            if rest:
+                combined.update(leaf_masks(self.sr_uses, [mask(u) if u.view.leaves & set(rest) else None
+                                                          for u in self.sr_uses], rest, self.shapes))
             read = [leaf for leaf in read if leaf in combined]
-            drops = tuple(jnp.logical_and(jnp.asarray(combined[leaf][2]), jnp.logical_not(combined[leaf][1]))
+            drops = tuple(jnp.logical_not(combined[leaf][1]) if leaf in whole
+                          else jnp.logical_and(jnp.asarray(combined[leaf][2]), jnp.logical_not(combined[leaf][1]))
                           for leaf in read)
             tapped = _sr_ste_tap(tuple(self.lams[leaf] for leaf in read), tuple(params[leaf] for leaf in read),
                                  drops)
