@@ -307,12 +307,12 @@ class _Prep:
 
 class _Entry:
     """One cached signature: its trace and decisions, and per ``fst_key`` aval (``None`` when no
-    matmul rotates) the rewritten jaxpr and its jitted form."""
+    matmul draws from it) the rewritten jaxpr and its jitted form."""
 
     def __init__(self, traced: Traced, cacheable: bool):
         self.traced = traced
         self.cacheable = cacheable
-        self.rotating = rotating(traced)
+        self.keyed = keyed(traced)
         self._rewrites: dict[Any, tuple[Any, Any]] = {}
 
     def rewrite(self, key_spec: Any) -> tuple[Any, Any]:
@@ -328,17 +328,17 @@ class _Entry:
         return hit
 
 
-def rotating(traced: Traced) -> bool:
-    """Whether a trace has a rotating-pattern matmul (and so needs ``fst_key``)."""
+def keyed(traced: Traced) -> bool:
+    """Whether a trace has a matmul that draws from ``fst_key`` (a rotating pattern or ``"mvue"``)."""
     return any(d.plan is not None and d.plan.keyed for d in traced.decisions)
 
 
 def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
     """The rewritten closed jaxpr of a trace (the original one when nothing is sparse).
 
-    With rotating-pattern matmuls, the jaxpr takes one more input, ``fst_key`` (of ``key_aval``),
-    and draws each such matmul's pattern from it once, at the top level:
-    ``draw_pattern(fst_key, decision.index, len(patterns))``.
+    With keyed matmuls (rotating patterns, ``"mvue"``), the jaxpr takes one more input, ``fst_key``
+    (of ``key_aval``), and draws each such matmul's pattern index or mvue seed from it once, at the
+    top level: ``draw_pattern(fst_key, decision.index, len(patterns) or MVUE_SEEDS)``.
     """
     plans = {d.site.path: d.plan for d in traced.decisions if d.plan is not None}
     if not plans:
@@ -504,7 +504,7 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
         entry = entry_for(split)
         leaves = list(split.leaves)
         key_spec = None
-        if entry.rotating:
+        if entry.keyed:
             fst_key = _check_fst_key(fst_key, entry.traced, sig.fn_name)
             key_spec = jax.typeof(fst_key)
             leaves.append(fst_key)
