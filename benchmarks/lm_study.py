@@ -17,6 +17,8 @@ on Python's standard-library sources (:func:`~fst_jax.text.load_corpus`, 2 M cha
   and per step from ``fst_key`` = the step number);
 * ``rotating_ceo``: FST, ``FSTConfig(pattern=("checkerboard", "even", "odd"))``.
 * ``odd``: FST, ``FSTConfig(pattern="odd")`` (a fixed mask on the odd tokens, faster in compact mode);
+* ``gw_dense``: FST with a dense grad-weight product (``grad_weight="dense"``): what the forward and
+  grad-input products cost alone;
 * ``mvue``: FST, ``FSTConfig(grad_weight="mvue")`` (the grad-weight product on the minimum-variance
   unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask).
 
@@ -65,6 +67,8 @@ VARIANTS: dict[str, tuple[str, fst_jax.FSTConfig | None]] = {
                      fst_jax.FSTConfig(pattern=("checkerboard", "even", "odd"))),
     "odd": ("FST, fixed `pattern=\"odd\"` (odd tokens: one half GEMM in compact mode)",
             fst_jax.FSTConfig(pattern="odd")),
+    "gw_dense": ("FST forward + grad-input only (`grad_weight=\"dense\"`)",
+                 fst_jax.FSTConfig(grad_weight="dense")),
     "mvue": ("FST, grad-weight by the unbiased 2:4 sample of dY (`grad_weight=\"mvue\"`)",
              fst_jax.FSTConfig(grad_weight="mvue")),
 }
