@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The jax-version-dependent tests that the Python 3.12 / jax 0.11.2 run repeats.
 VERSION_TESTS=(tests/test_core_v2.py tests/test_model_patterns.py tests/test_transform.py tests/test_export.py
                tests/test_compact.py tests/test_kernels.py tests/test_pallas_backend.py tests/test_cusparselt.py
-               tests/test_cusparselt_backend.py tests/test_rotating_sparsify.py tests/test_prepared.py
+               tests/test_cusparselt_backend.py tests/test_rotating_sparsify.py tests/test_prepared.py tests/test_mvue.py
                fst_jax/_config.py fst_jax/_masks.py fst_jax/_transform.py fst_jax/_export.py fst_jax/_report.py
                fst_jax/_rotate.py fst_jax/kernels fst_jax/cusparselt)
 
