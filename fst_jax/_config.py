@@ -212,7 +212,7 @@ class FSTConfig:
       pattern: the fixed token mask: ``"checkerboard"`` keeps ``(t + k) % 2 == 0``, ``"even"``
         keeps even tokens, ``"odd"`` odd tokens. Default ``"checkerboard"`` (the paper's).
         ``"even"``/``"odd"`` are faster in compact mode (one half GEMM instead of two interleaved
-        quarter GEMMs: a transformer block's step 1.16× dense on the CPU instead of 1.03×) and
+        quarter GEMMs: a transformer block's CPU step 1.10–1.16× dense instead of 1.02–1.03×) and
         ``"odd"`` was within noise of the checkerboard on MLPs and CNNs, but not on transformers:
         MNIST-1D transformer (width 64, 3 seeds) −5.7 ± 2.0 pt vs −0.8 ± 1.5, character-level GPT
         +7.8 % vs +6.6 % validation loss (2 seeds).

@@ -400,14 +400,13 @@ def mvue_2to4(x: jax.Array, key: jax.Array, axis: int = -1) -> jax.Array:
       TypeError: if ``x`` is not floating.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from fst_jax._masks import mvue_2to4
+      >>> import jax, jax.numpy as jnp, fst_jax
       >>> x = jnp.array([4.0, -2.0, 1.0, 1.0])
-      >>> y = mvue_2to4(x, jax.random.key(0))
+      >>> y = fst_jax.mvue_2to4(x, jax.random.key(0))
       >>> int((y != 0).sum())
       2
       >>> keys = jax.random.split(jax.random.key(1), 20000)
-      >>> mean = jax.vmap(lambda k: mvue_2to4(x, k))(keys).mean(0)
+      >>> mean = jax.vmap(lambda k: fst_jax.mvue_2to4(x, k))(keys).mean(0)
       >>> bool(jnp.allclose(mean, x, atol=0.1))  # unbiased
       True
     """
