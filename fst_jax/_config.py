@@ -199,7 +199,7 @@ class FSTConfig:
         token axis (:func:`fst_jax.mvue_2to4`; ``T % 4 == 0``), an unbiased estimate of ``dW``
         with no fixed token mask and no gradient shift (``pattern`` and ``restore_scale`` do not
         apply); random, so it needs ``fst_key`` like a rotating pattern (each layer draws its own
-        seed per call; the iterations of a loop around a matmul share it). It keeps the whole
+        seed per call, and each iteration of a scan around it draws anew). It keeps the whole
         activation for the backward pass and, on XLA, runs a dense GEMM on the sampled ``dY``
         (a GPU's 2:4 tensor cores would take ``dY`` as the sparse operand). Measured
         (``benchmarks/RESULTS.md``, 2026-11-30): on the character-level GPT (``python -m
@@ -224,7 +224,9 @@ class FSTConfig:
         ``"anti_checkerboard"``, ``"checkerboard"``, ``"even"``, ``"anti_alternating"``, each
         once) draws from that set. The draw comes from the ``fst_key=`` keyword argument of the
         sparsified function (a PRNG key, or an integer step counter; traced, so one compiled step
-        serves every step): the same key gives the same draw, and layers draw independently.
+        serves every step): the same key gives the same draw, and layers draw independently —
+        the iterations of a ``lax.scan`` too (a scanned stack of layers, a time loop: the
+        iteration is folded into the layer's key); a ``while_loop`` 's iterations share one draw.
         A rotating config called without ``fst_key`` raises an error; fixed patterns accept and
         ignore it. The forward product does not use the pattern (``forward_masks`` and export are
         unaffected). Compact mode keeps half the activation and one compiled step for every draw;

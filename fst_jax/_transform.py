@@ -30,7 +30,7 @@ from fst_jax._config import FSTConfig
 from fst_jax._decisions import sr_ste_coefficient
 from fst_jax._dot import MVUE_SEEDS, GemmPlan, prepare, sparse_dot, weight_spec
 from fst_jax._export import Use, leaf_masks, replay, sparse_uses, use_mask, view_key
-from fst_jax._masks import _as_key, apply_mask, draw_pattern
+from fst_jax._masks import _as_key, apply_mask
 from fst_jax._tracing import FST_KEY, Traced, check_call, cache_key, trace, unflatten_outputs
 
 #: How many rewritten signatures one sparsified function keeps (least recently used dropped).
@@ -42,16 +42,18 @@ def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], plans: di
                outer: dict[tuple, tuple[Any, Any]] | None = None) -> list[Any]:
     """Evaluates ``jaxpr`` under the current trace with the planned matmuls rewritten.
 
-    ``outer`` holds, by path, a matmul's drawn pattern index (rotating) and its prepared weight
-    (hoisted): values of the top-level trace, which matmuls inside sub-jaxprs close over (see
-    :data:`CLOSURE`).
+    ``outer`` holds, by path, a keyed matmul's layer key (:func:`_draw` draws its pattern index or
+    mvue seed from it; every scan around the matmul has folded its iteration in) and a matmul's
+    prepared weight (hoisted): values of the top-level trace, which matmuls inside sub-jaxprs
+    close over (see :data:`CLOSURE`).
     """
     outer = {} if outer is None else outer
 
     def on_eqn(i: int, eqn: Any, invals: list[Any]) -> list[Any]:
         path = prefix + (i,)
         if path in plans:
-            choice, prepared = outer.get(path, (None, None))
+            key, prepared = outer.get(path, (None, None))
+            choice = None if key is None else _draw(plans[path], key)
             with _compat.eqn_context(eqn):
                 return [sparse_dot(invals[0], invals[1], plans[path], choice, prepared)]
         if path in below:
@@ -59,6 +61,20 @@ def _interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], plans: di
         return _compat.bind_eqn(eqn, invals)
 
     return run_jaxpr(jaxpr, args, on_eqn, lambda v: v.val, consts)
+
+
+def _draw(plan: GemmPlan, key: jax.Array) -> jax.Array:
+    """A keyed matmul's draw from its layer key: the pattern index (rotating) or the mvue seed."""
+    n = len(plan.patterns) if plan.rotating else MVUE_SEEDS
+    return jax.random.randint(key, (), 0, n, dtype=jnp.int32)
+
+
+def _fold_iteration(outer: dict[tuple, tuple[Any, Any]], prefix: tuple[Any, ...],
+                    it: jax.Array) -> dict[tuple, tuple[Any, Any]]:
+    """``outer`` with the scan iteration ``it`` folded into the layer key of every keyed matmul
+    under ``prefix``: each iteration of a scan (a scan over layers, a time loop) draws anew."""
+    return {p: ((jax.random.fold_in(k, it), w) if k is not None and p[:len(prefix)] == prefix else (k, w))
+            for p, (k, w) in outer.items()}
 
 
 def _has_tracer_consts(closed: Any) -> bool:
@@ -80,9 +96,18 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
         if sub_path not in below:
             continue
         jaxpr, consts = _compat.open_jaxpr(sub)
+        avals = [v.aval for v in jaxpr.invars]
+        if eqn.primitive is _compat.P["scan"] and any(
+                k is not None and p[:len(sub_path)] == sub_path for p, (k, _) in outer.items()):
+            # a keyed matmul in a scan body: the body takes the iteration as one more (last) x
+            new_subs[key, j] = jax.make_jaxpr(
+                lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
+                _interpret(jaxpr, consts, a[:-1], plans, below, sub_path, _fold_iteration(outer, sub_path, a[-1]))
+            )(*avals, jax.ShapeDtypeStruct((), jnp.int32))
+            continue
         new_subs[key, j] = jax.make_jaxpr(
             lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
-            _interpret(jaxpr, consts, a, plans, below, sub_path, outer))(*[v.aval for v in jaxpr.invars])
+            _interpret(jaxpr, consts, a, plans, below, sub_path, outer))(*avals)
     if any(_has_tracer_consts(new) for new in new_subs.values()):
         rule = CLOSURE.get(eqn.primitive)
         if rule is None:
@@ -129,6 +154,8 @@ def _closure_scan(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
     n_consts, n_carry = _compat.scan_counts(eqn.params)
     consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
     body = _body(subs["jaxpr", 0])
+    if len(_compat.open_jaxpr(subs["jaxpr", 0])[0].invars) == len(invals) + 1:  # the iteration, last
+        xs = [*xs, jnp.arange(eqn.params["length"], dtype=jnp.int32)]
 
     def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
         outs = body(*consts, *carry, *x)
@@ -337,8 +364,10 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
     """The rewritten closed jaxpr of a trace (the original one when nothing is sparse).
 
     With keyed matmuls (rotating patterns, ``"mvue"``), the jaxpr takes one more input, ``fst_key``
-    (of ``key_aval``), and draws each such matmul's pattern index or mvue seed from it once, at the
-    top level: ``draw_pattern(fst_key, decision.index, len(patterns) or MVUE_SEEDS)``.
+    (of ``key_aval``). Each such matmul's layer key is ``fold_in(fst_key, decision.index)``, with
+    the iteration of every scan around it folded in (outermost first); it draws its pattern index
+    or mvue seed with ``randint(layer key, len(patterns) or MVUE_SEEDS)``. Outside scans that is
+    ``draw_pattern(fst_key, decision.index, n)``.
     """
     plans = {d.site.path: d.plan for d in traced.decisions if d.plan is not None}
     if not plans:
@@ -348,15 +377,15 @@ def _rewrite(traced: Traced, key_aval: Any = None) -> Any:
     in_avals = [v.aval for v in jaxpr.invars]
     where = [i for i, p in enumerate(traced.is_param) if p]  # flat position of each parameter leaf
     prep = _Prep(traced, [tuple(in_avals[i].shape) for i in where])
-    draws = [(d.site.path, d.index, len(d.plan.patterns) if d.plan.rotating else MVUE_SEEDS)
-             for d in traced.decisions if d.plan is not None and d.plan.keyed]
+    draws = [(d.site.path, d.index) for d in traced.decisions if d.plan is not None and d.plan.keyed]
 
     def flat_fn(*leaves: Any) -> list[Any]:
         leaves = list(leaves)
         choices = {}
         if draws:
             key = leaves.pop()
-            choices = {path: draw_pattern(key, index, n) for path, index, n in draws}
+            key = _as_key(key)
+            choices = {path: jax.random.fold_in(key, index) for path, index in draws}
         params, prepared = prep([leaves[i] for i in where])
         for i, value in zip(where, params):
             leaves[i] = value
@@ -431,7 +460,8 @@ def sparsify(fn: Callable, config: FSTConfig | None = None, *, params_argnums: i
     compiled step serves every step; only its shape and dtype key the cache). It is not passed to
     ``fn``. Each rotating matmul draws its grad-weight token pattern from it once per call,
     ``draw_pattern(fst_key, matmul index, len(set))``: the same key gives the same gradient, and
-    layers draw independently. Without ``fst_key`` a rotating config raises a ``TypeError``
+    layers draw independently (inside a ``lax.scan`` each iteration folds its index into the
+    layer's key, so a scanned stack of layers draws per layer too). Without ``fst_key`` a rotating config raises a ``TypeError``
     naming it; a fixed pattern accepts and ignores it (so a training loop can always pass it), as
     do :func:`report`, :func:`forward_masks` and :func:`pruned_params`. The name ``fst_key`` is
     therefore reserved: ``fn`` cannot take a keyword argument of that name.

@@ -13,7 +13,7 @@ import pytest
 
 import fst_jax
 from fst_jax._dot import MVUE_SEED, MVUE_SEEDS
-from fst_jax._masks import draw_pattern, mvue_2to4
+from fst_jax._masks import _as_key, draw_pattern, mvue_2to4
 
 T = 16  # tokens = K, so that the identity activation reads S(dY) off dW
 O = 8
@@ -154,16 +154,20 @@ def test_needs_key_report_and_dense_fallback():
     assert jax.grad(f)(w, x6, g6).shape == w.shape
 
 
-def test_mvue_in_a_scan_and_on_a_convolution():
+def test_each_scan_iteration_samples_anew_and_a_convolution():
     w, x, g = probe()
 
-    def scanned(w, xs, g):
-        return jax.lax.scan(lambda c, xi: (c + probe_loss(w, xi, g), None), 0.0, xs)[0]
+    def layers(ws, x, g):  # a scan over 2 stacked layers, the same dY for both
+        return jax.lax.scan(lambda c, w: (c + probe_loss(w, x, g), None), 0.0, ws)[0]
 
-    xs = jnp.stack([x, 2 * x])
-    f = fst_jax.sparsify(scanned, MVUE)
-    dw = jax.grad(f)(w, xs, g, fst_key=5)
-    assert dw.shape == w.shape and np.isfinite(np.asarray(dw)).all()
+    ws = jnp.stack([w, w])
+    dws = np.asarray(jax.grad(fst_jax.sparsify(layers, MVUE))(ws, x, g, fst_key=5))
+    for i in range(2):  # layer i's seed: randint(fold_in(fold_in(fst_key, index), i), MVUE_SEEDS)
+        k = jax.random.fold_in(jax.random.fold_in(_as_key(5), 0), i)
+        seed = jax.random.randint(k, (), 0, MVUE_SEEDS, dtype=jnp.int32)
+        want = mvue_2to4(g, jax.random.fold_in(jax.random.key(MVUE_SEED), seed), axis=1)
+        np.testing.assert_array_equal(dws[i], np.asarray(want[0]))
+    assert not np.array_equal(dws[0] != 0, dws[1] != 0)  # the layers sample independently
 
     def conv(k, img):
         return jnp.sum(jax.lax.conv_general_dilated(img, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO",

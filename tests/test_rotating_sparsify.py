@@ -15,7 +15,7 @@ import pytest
 from jax import lax
 
 import fst_jax
-from fst_jax._masks import AUTHORS_PATTERNS, draw_pattern
+from fst_jax._masks import AUTHORS_PATTERNS, _as_key, draw_pattern
 from test_patterns import ref_grad_weight, ref_mask
 
 B, T, K = 2, 8, 8
@@ -43,8 +43,19 @@ def ones():
     return jnp.ones((K, N)), jnp.ones((B, T, K))
 
 
-def want_mask(key, index=0, patterns=AUTHORS_PATTERNS):
-    c = int(draw_pattern(key, index, len(patterns)))
+def want_choice(key, index, n, iterations=()):
+    """The documented draw: randint(layer key, n), the layer key fold_in(fst_key, index) with the
+    iteration of every scan around the matmul folded in (outermost first)."""
+    if not iterations:
+        return int(draw_pattern(key, index, n))
+    k = jax.random.fold_in(_as_key(key), index)
+    for it in iterations:
+        k = jax.random.fold_in(k, it)
+    return int(jax.random.randint(k, (), 0, n, dtype=jnp.int32))
+
+
+def want_mask(key, index=0, patterns=AUTHORS_PATTERNS, iterations=()):
+    c = want_choice(key, index, len(patterns), iterations)
     return ref_mask((B, T, K), 1, (2,), (), patterns[c])
 
 
@@ -273,6 +284,7 @@ def in_fori(w, x):  # fori_loop with a static trip count is a scan
 
 WRAPPED = {"scan": in_scan, "scan_of_layers": in_scan_of_layers, "jit": in_jit, "remat": in_remat,
            "cond": in_cond, "switch": in_switch, "scan_of_jit": in_scan_of_jit, "fori": in_fori}
+IN_SCAN = {"scan", "scan_of_layers", "scan_of_jit", "fori"}  # one scan iteration (0) folded into the key
 
 
 @pytest.mark.parametrize("mode", ["masked", "compact"])
@@ -284,17 +296,41 @@ def test_rotating_inside_sub_jaxprs(where, mode):
     rep = fst_jax.report(fn, cfg)(w, x)
     (row,) = [r for r in rep.rows if r.weight is not None]
     grad = jax.jit(lambda w, x, s: jax.grad(fst_jax.sparsify(fn, cfg))(w, x, fst_key=s))
+    iterations = (0,) if where in IN_SCAN else ()
     for step in range(4):
-        np.testing.assert_array_equal(mask_of(grad(w, x, jnp.int32(step))), want_mask(step, row.index))
+        np.testing.assert_array_equal(mask_of(grad(w, x, jnp.int32(step))), want_mask(step, row.index,
+                                                                                     iterations=iterations))
     # values equal to a masked reference on random operands, with the shift
     cfg = cfg.replace(restore_scale=0.25)
     xr = jax.random.normal(jax.random.key(2), (B, T, K))
     wr = jax.random.normal(jax.random.key(3), (K, N))
     got = jax.grad(fst_jax.sparsify(fn, cfg))(wr, xr, fst_key=5)
-    keep = want_mask(5, row.index)
+    keep = want_mask(5, row.index, iterations=iterations)
     dy = np.eye(N).reshape(B, T, N)
     want = ref_grad_weight(xr, (K, N), dy, (((2,), (0,)), ((), ())), 1, keep, 0.25)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["masked", "compact"])
+def test_each_scan_iteration_draws_anew(mode):
+    """A scan over 2 stacked layers: layer i's mask is the draw with iteration i folded in, so the
+    layers of a scanned stack draw independently (and the draw still changes with the step)."""
+    cfg = ROT.replace(mode=mode)
+    ws = jnp.ones((2, K, N))
+    x = jnp.ones((B, T, K))
+
+    def layers(ws, x):
+        return lax.scan(lambda c, w: (c + probe(x, w), None), 0.0, ws)[0]
+
+    (row,) = [r for r in fst_jax.report(layers, cfg)(ws, x).rows if r.weight is not None]
+    grad = jax.jit(lambda ws, x, s: jax.grad(fst_jax.sparsify(layers, cfg))(ws, x, fst_key=s))
+    pairs = []
+    for step in range(8):
+        g = grad(ws, x, jnp.int32(step))
+        for i in range(2):
+            np.testing.assert_array_equal(mask_of(g[i]), want_mask(step, row.index, iterations=(i,)))
+        pairs.append(tuple(want_choice(step, row.index, 4, (i,)) for i in range(2)))
+    assert any(a != b for a, b in pairs) and len(set(pairs)) > 1
 
 
 def in_while(w, x):
