@@ -205,8 +205,8 @@ class FSTConfig:
         (``benchmarks/RESULTS.md``, 2026-11-30): on the character-level GPT (``python -m
         benchmarks.lm_study``, 3 seeds) ``"mvue"`` is +3.8 % validation loss over dense where the
         fixed checkerboard is +7.2 % (the forward and grad-input products alone: +2.5 %, 2 seeds);
-        on MNIST-1D at width 64 (3 seeds) −1.6 pt vs −3.1 (MLP), −2.6 vs −3.0 (Flax NNX MLP),
-        +0.1 vs −0.1 (CNN), −0.9 vs −0.8 (transformer). ``"fixed_mask"`` stays the default: it
+        on MNIST-1D at width 64 −1.5 pt vs −3.2 (MLP), −2.7 vs −2.9 (Flax NNX MLP; 5 seeds),
+        +0.1 vs −0.1 (CNN), −0.9 vs −0.8 (transformer; 3 seeds). ``"fixed_mask"`` stays the default: it
         needs no key, keeps half the activation and halves the grad-weight GEMM; prefer
         ``"mvue"`` for language models.
       pattern: the fixed token mask: ``"checkerboard"`` keeps ``(t + k) % 2 == 0``, ``"even"``
