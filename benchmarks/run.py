@@ -244,7 +244,7 @@ def matmul_plan(a: jax.Array, w: jax.Array, pattern: str, mode: str) -> _dot.Gem
 
 def _masked_grad_weight(plan: _dot.GemmPlan, a: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array:
     """The grad-weight product of ``mode="masked"``: masked A, shifted dY, one dense GEMM."""
-    a_g, dy_g = _dot._grad_weight_operands(plan, a, dy)
+    a_g, dy_g = _dot._grad_weight_operands(plan, a, dy, None)
     _, vjp_w = jax.vjp(lambda w_: _dot._dot(plan, a_g, w_), w)
     return vjp_w(dy_g)[0]
 

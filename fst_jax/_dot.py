@@ -223,14 +223,17 @@ MVUE_SEEDS = 2**31 - 1  # a layer's mvue seed is drawn like a pattern index from
 MVUE_SEED = 0x4D565545  # the base key of the mvue samples: fold_in(key(MVUE_SEED), seed)
 
 
-def _mvue(dy: jax.Array, axis: int, seed: jax.Array) -> jax.Array:
+def _mvue(dy: jax.Array, axis: int, seed: jax.Array | None) -> jax.Array:
     """The minimum-variance unbiased 2:4 sample of ``dy`` along ``axis`` for a layer's drawn seed."""
+    if seed is None:
+        raise ValueError("fst_jax: a grad_weight='mvue' product needs its layer's drawn seed (the rewrite "
+                         "draws it from fst_key); got none")
     return _masks.mvue_2to4(dy, jax.random.fold_in(jax.random.key(MVUE_SEED), seed), axis)
 
 
 def _grad_weight_operands(plan: GemmPlan, a: jax.Array, dy: jax.Array,
-                          seed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(A', dY') such that dW = vjp_W(A'·W)(dY')."""
+                          seed: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(A', dY') such that dW = vjp_W(A'·W)(dY'); ``seed``: the layer's draw (mvue), else ``None``."""
     if plan.grad_weight == "fixed_mask":
         mask = _token_keep(plan, a.shape)
         a_kept = _masks.apply_mask(a, _like_sharding(mask, a))

@@ -99,7 +99,14 @@ class Use:
 
     decision: Decision
     view: View
-    index: np.ndarray  # global parameter index of every entry of the rebuilt operand (static)
+    # global parameter index of every entry of the rebuilt operand (static); None when the operand
+    # is a parameter leaf itself (:func:`is_whole_leaf`: every entry in place, no bookkeeping needed)
+    index: np.ndarray | None
+
+
+def is_whole_leaf(view: View) -> bool:
+    """Whether a view is a parameter leaf itself (no op between it and the matmul, no scan)."""
+    return view.mapped == 0 and view.node[0] == "leaf"
 
 
 def sparse_uses(decisions: Sequence[Decision], shapes: Sequence[tuple[int, ...]]) -> tuple[list[Use], dict[int, str]]:
@@ -112,15 +119,20 @@ def sparse_uses(decisions: Sequence[Decision], shapes: Sequence[tuple[int, ...]]
     views = [d for d in decisions if d.plan is not None and d.plan.forward]
     if not views:
         return uses, bad
-    with _compat.concrete_eval():  # static index arrays
-        iotas = [jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.int32).reshape(s) for i, s in enumerate(shapes)]
-        for d in views:
-            w = (d.site.lhs, d.site.rhs)[d.weight_side].view
-            if isinstance(w, View):
+    iotas = None
+    for d in views:
+        w = (d.site.lhs, d.site.rhs)[d.weight_side].view
+        if isinstance(w, View) and is_whole_leaf(w):
+            uses.append(Use(d, w, None))
+        elif isinstance(w, View):
+            with _compat.concrete_eval():  # static index arrays
+                if iotas is None:
+                    iotas = [jnp.arange(offsets[i], offsets[i + 1], dtype=jnp.int32).reshape(s)
+                             for i, s in enumerate(shapes)]
                 uses.append(Use(d, w, np.asarray(replay(w, iotas, index=True))))
-            elif isinstance(w, Broken):
-                for leaf in w.leaves:
-                    bad.setdefault(leaf, f"reaches sparse matmul #{d.index} through {w.why}")
+        elif isinstance(w, Broken):
+            for leaf in w.leaves:
+                bad.setdefault(leaf, f"reaches sparse matmul #{d.index} through {w.why}")
     return uses, bad
 
 
@@ -136,7 +148,8 @@ def leaf_masks(uses: Sequence[Use], masks: Sequence[jax.Array | None], leaves: S
     ``masks``: each use's forward mask (:func:`use_mask`; ``None`` for a use that reads none of
     ``leaves``). ``shapes``: every parameter leaf's shape (the index arrays of :func:`sparse_uses`
     count entries over all of them). Unreached entries are ``True`` in the AND and ``False`` in the
-    OR. Traceable.
+    OR. A use whose operand is a leaf itself (``index=None``) combines its mask in place, without
+    the index bookkeeping (sorts over every entry) that moved or sliced views need. Traceable.
     """
     sizes = [int(np.prod(s)) for s in shapes]
     offsets = np.cumsum([0] + sizes)
@@ -147,6 +160,12 @@ def leaf_masks(uses: Sequence[Use], masks: Sequence[jax.Array | None], leaves: S
         lo = hi = None
         reached = np.zeros(size, bool)
         for u, m in seen:
+            if u.index is None:  # the leaf itself: its mask in place, every entry reached
+                if leaf in u.view.leaves:
+                    lo = m.reshape(-1) if lo is None else lo & m.reshape(-1)
+                    hi = m.reshape(-1) if hi is None else hi | m.reshape(-1)
+                    reached[:] = True
+                continue
             flat_idx = u.index.reshape(-1)
             pos = np.nonzero((flat_idx >= off) & (flat_idx < off + size))[0]
             if not len(pos):

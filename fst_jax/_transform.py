@@ -91,6 +91,7 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
     which closure-converts.
     """
     new_subs: dict[tuple[str, int], Any] = {}
+    extra: list[Any] = []  # operands the rewritten equation takes beyond ``invals``
     for key, j, sub in subjaxprs(eqn.params):
         sub_path = path + (key, j)
         if sub_path not in below:
@@ -104,20 +105,24 @@ def _rewrite_subjaxprs(eqn: Any, invals: list[Any], path: tuple[Any, ...], plans
                 lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
                 _interpret(jaxpr, consts, a[:-1], plans, below, sub_path, _fold_iteration(outer, sub_path, a[-1]))
             )(*avals, jax.ShapeDtypeStruct((), jnp.int32))
+            extra.append(jnp.arange(eqn.params["length"], dtype=jnp.int32))  # the iterations, as xs
             continue
         new_subs[key, j] = jax.make_jaxpr(
             lambda *a, jaxpr=jaxpr, consts=consts, sub_path=sub_path:
             _interpret(jaxpr, consts, a, plans, below, sub_path, outer))(*avals)
-    if any(_has_tracer_consts(new) for new in new_subs.values()):
+    # A body with an extra operand changes the equation's arity, so it is never re-bound; a keyed
+    # body always closes over its layer keys (tracers of the top-level trace) anyway.
+    if extra or any(_has_tracer_consts(new) for new in new_subs.values()):
         rule = CLOSURE.get(eqn.primitive)
         if rule is None:
             raise NotImplementedError(
-                f"fst_jax: a rotating-pattern matmul inside {eqn.primitive.name!r} is not supported (its "
-                "rewritten body closes over the drawn pattern); use a fixed pattern for that layer "
-                "(Rule(pattern=..., overrides={'pattern': 'checkerboard'})) or report this")
+                f"fst_jax: a rotating-pattern or grad_weight='mvue' matmul inside {eqn.primitive.name!r} is "
+                "not supported (its rewritten body closes over the layer's draw); give that layer a fixed "
+                "pattern and grad weight (Rule(pattern=..., overrides={'pattern': 'checkerboard', "
+                "'grad_weight': 'fixed_mask'})) or report this")
         subs = {(key, j): new_subs.get((key, j), sub) for key, j, sub in subjaxprs(eqn.params)}
         with _compat.eqn_context(eqn):
-            return list(rule(eqn, invals, subs))
+            return list(rule(eqn, [*invals, *extra], subs))
     params = dict(eqn.params)
     for (key, j), new in new_subs.items():
         new = _compat.like_param(params[key][j] if isinstance(params[key], tuple) else params[key], new,
@@ -153,9 +158,7 @@ def _body(closed: Any) -> Callable[..., list[Any]]:
 def _closure_scan(eqn: Any, invals: list[Any], subs: dict) -> list[Any]:
     n_consts, n_carry = _compat.scan_counts(eqn.params)
     consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
-    body = _body(subs["jaxpr", 0])
-    if len(_compat.open_jaxpr(subs["jaxpr", 0])[0].invars) == len(invals) + 1:  # the iteration, last
-        xs = [*xs, jnp.arange(eqn.params["length"], dtype=jnp.int32)]
+    body = _body(subs["jaxpr", 0])  # xs may end with the iterations (see _rewrite_subjaxprs)
 
     def step(carry: list[Any], x: list[Any]) -> tuple[list[Any], list[Any]]:
         outs = body(*consts, *carry, *x)
@@ -227,21 +230,6 @@ def _sr_ste_tap_bwd(lams: tuple[float, ...], res: tuple, g: tuple):
 _sr_ste_tap.defvjp(_sr_ste_tap_fwd, _sr_ste_tap_bwd)
 
 
-def _is_leaf(view: View) -> bool:
-    """Whether a view is a parameter leaf itself (no op between it and the matmul, no scan)."""
-    return view.mapped == 0 and view.node[0] == "leaf"
-
-
-def _uses(decisions: Sequence[Any], shapes: Sequence[tuple[int, ...]]) -> list[Use]:
-    """:func:`fst_jax._export.sparse_uses` 's uses; when every sparse forward weight is a leaf itself,
-    without their index arrays (``index=None``: only :func:`leaf_masks` reads them, and
-    :meth:`_Prep.__call__` combines such leaves' masks without it)."""
-    views = [(d, (d.site.lhs, d.site.rhs)[d.weight_side].view) for d in decisions if d.plan.forward]
-    if all(_is_leaf(v) for _, v in views if isinstance(v, View)):
-        return [Use(d, v, None) for d, v in views if isinstance(v, View)]  # type: ignore[arg-type]
-    return sparse_uses(decisions, shapes)[0]
-
-
 def _hoistable(jaxpr: Any, path: tuple[Any, ...]) -> bool:
     """Whether the matmul at ``path`` sits only inside sub-jaxprs that :data:`CLOSURE` can close
     over top-level values (so its prepared weight can be computed once, at the top level)."""
@@ -260,7 +248,7 @@ class _Prep:
 
     def __init__(self, traced: Traced, shapes: Sequence[tuple[int, ...]]):
         decisions = [d for d in traced.decisions if d.plan is not None]
-        uses = _uses(decisions, shapes)
+        uses = sparse_uses(decisions, shapes)[0]
         by_index = {u.decision.index: u for u in uses}
         # hoisted: a weight that is a view of the parameters and the same array in every iteration
         # of the loops around it (mapped == 0), inside sub-jaxprs that CLOSURE converts
@@ -293,25 +281,13 @@ class _Prep:
 
         if self.lams:
             read = sorted(self.lams)
-            # A leaf that every use reads whole (the matmul's weight is the leaf itself) combines its
-            # masks directly, as leaf_masks would (AND / OR in use order, every entry reached);
-            # leaf_masks' index bookkeeping (sorts over every entry) is for the other leaves.
-            whole = {leaf for leaf in read
-                     if all(_is_leaf(u.view) for u in self.sr_uses if leaf in u.view.leaves)}
-            combined = {}
-            for u in self.sr_uses:
-                for leaf in u.view.leaves & whole:
-                    lo, hi = combined.get(leaf, (None, None))
-                    m = mask(u)
-                    combined[leaf] = (m if lo is None else lo & m, m if hi is None else hi | m)
-            rest = [leaf for leaf in read if leaf not in whole]
-            if rest:
-                combined.update(leaf_masks(self.sr_uses, [mask(u) if u.view.leaves & set(rest) else None
-                                                          for u in self.sr_uses], rest, self.shapes))
+            combined = leaf_masks(self.sr_uses, [mask(u) if u.view.leaves & set(read) else None
+                                                 for u in self.sr_uses], read, self.shapes)
             read = [leaf for leaf in read if leaf in combined]
-            drops = tuple(jnp.logical_not(combined[leaf][1]) if leaf in whole
-                          else jnp.logical_and(jnp.asarray(combined[leaf][2]), jnp.logical_not(combined[leaf][1]))
-                          for leaf in read)
+            # SR-STE decays the entries that every sparse product drops, among those it reaches
+            drops = tuple(jnp.logical_not(hi) if reached.all() else jnp.logical_and(jnp.asarray(reached),
+                                                                                   jnp.logical_not(hi))
+                          for _, hi, reached in (combined[leaf] for leaf in read))
             tapped = _sr_ste_tap(tuple(self.lams[leaf] for leaf in read), tuple(params[leaf] for leaf in read),
                                  drops)
             params = list(params)
