@@ -76,7 +76,7 @@ from fst_jax.train.data import (
     load_digits_dataset,
     load_mnist1d_dataset,
 )
-from fst_jax.train.loop import DEFAULT_LR, OPTIMIZERS, RunResult, SeedResult, make_optimizer, train_run
+from fst_jax.train.loop import DEFAULT_LR, OPTIMIZERS, RunResult, SeedResult, StepLog, make_optimizer, train_run
 from fst_jax.train.model import DEFAULT_DEPTH, DEFAULT_WIDTH, init_model, make_model
 from fst_jax.train.lm import TextRun, evaluate_text_pruned, text_summary, text_table, train_text
 from fst_jax.train.plots import plot_curves, plot_text_curves
@@ -88,6 +88,7 @@ __all__ = [
     "PrunedModel",
     "RunResult",
     "SeedResult",
+    "StepLog",
     "TextRun",
     "aggregate",
     "batch_indices",

@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ import optax
 import fst_jax
 from fst_jax import text
 from fst_jax._config import FSTConfig
+from fst_jax.train.loop import StepLog
 from fst_jax.train.pruned import PrunedModel, mask_parts
 from fst_jax.train.stats import mean_std_se
 
@@ -51,43 +51,34 @@ Params = Any
 
 
 @dataclasses.dataclass
-class TextRun:
-    """What one language-model run (dense or FST) produced.
+class TextRun(StepLog):
+    """What one language-model run (dense or FST) produced: the fields of
+    :class:`StepLog` (losses in nats per character; ``pruned``: the 2:4 model
+    evaluated with the plain loss by :func:`evaluate_text_pruned`, its ``test_loss`` the validation
+    loss, its ``test_accuracy`` NaN: text has none) and the validation curve.
 
     Attributes:
-      variant: ``"dense"`` or ``"fst"``.
-      loss_steps: the step (1-based) of each entry of ``losses``.
-      losses: the training-batch loss of every step (nats per character).
-      eval_steps: the steps at which the validation loss was measured (0 = initialization).
       val_loss: the validation loss at each of ``eval_steps``, of the model as it trains (for
         FST, the sparsified loss: the 2:4 forward).
-      step_times_ms: the wall time of each step, ``block_until_ready`` included.
-      compile_s: the time to trace and compile the train step (0 when reused from a cache).
-      pruned: for an FST run, its 2:4 model exported and evaluated with the plain loss
-        (:func:`evaluate_text_pruned`; ``test_loss`` is the validation loss, ``test_accuracy``
-        is NaN: text has none); ``None`` otherwise.
+
+    Example:
+      >>> from fst_jax.train import TextRun
+      >>> round(TextRun("dense", losses=[1.2], val_loss=[1.5]).final()["val_bpc"], 3)
+      2.164
     """
 
-    variant: str
-    loss_steps: list[int] = dataclasses.field(default_factory=list)
-    losses: list[float] = dataclasses.field(default_factory=list)
-    eval_steps: list[int] = dataclasses.field(default_factory=list)
     val_loss: list[float] = dataclasses.field(default_factory=list)
-    step_times_ms: list[float] = dataclasses.field(default_factory=list)
-    compile_s: float = 0.0
-    pruned: PrunedModel | None = None
 
     def final(self) -> dict[str, float]:
         """The final metrics: ``val_loss`` and ``val_bpc`` of the model the run trained (for FST
         the exported 2:4 model's), the last batch loss, the median step time (first 5 steps left
         out when there are more) and the compile time."""
         val = self.pruned.test_loss if self.pruned is not None else self.val_loss[-1]
-        times = self.step_times_ms[5:] if len(self.step_times_ms) > 5 else self.step_times_ms
         return {
             "val_loss": val,
             "val_bpc": val / math.log(2),
             "batch_loss": self.losses[-1],
-            "median_step_ms": statistics.median(times) if times else float("nan"),
+            "median_step_ms": self.median_step_ms(),
             "compile_s": self.compile_s,
         }
 

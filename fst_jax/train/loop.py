@@ -31,6 +31,7 @@ __all__ = [
     "SCHEDULES",
     "RunResult",
     "SeedResult",
+    "StepLog",
     "make_optimizer",
     "train_run",
 ]
@@ -48,8 +49,9 @@ EvalFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, jax.Array, ja
 
 
 @dataclasses.dataclass
-class RunResult:
-    """What one training run (dense or FST) produced.
+class StepLog:
+    """What every training run records step by step (the fields :class:`RunResult` and
+    :class:`TextRun` share).
 
     Attributes:
       variant: ``"dense"`` or ``"fst"``.
@@ -57,23 +59,21 @@ class RunResult:
         the ``step``-th update was computed on).
       losses: the training-batch loss of every step.
       eval_steps: the steps at which the model was evaluated (0 = at initialization).
-      train_loss: the loss on the whole training set at each evaluation step.
-      test_loss: the loss on the test set at each evaluation step.
-      test_accuracy: the test accuracy at each evaluation step.
       step_times_ms: the wall time of each step, ``block_until_ready`` included.
-      compile_s: the time to trace and compile the train step.
-      pruned: for an FST run that ``fst-jax train`` ran, the 2:4 model it trained, exported and
-        evaluated with the dense predict function (:func:`~fst_jax.train.evaluate_pruned`);
-        ``None`` otherwise.
+      compile_s: the time to trace and compile the train step (0 when reused from a cache).
+      pruned: for an FST run, the 2:4 model it trained, exported and evaluated without FST
+        (:class:`~fst_jax.train.PrunedModel`); ``None`` otherwise.
+
+    Example:
+      >>> from fst_jax.train import StepLog
+      >>> StepLog("dense", step_times_ms=[9.0, 1.0, 2.0, 3.0]).median_step_ms(warmup=1)
+      2.0
     """
 
     variant: str
     loss_steps: list[int] = dataclasses.field(default_factory=list)
     losses: list[float] = dataclasses.field(default_factory=list)
     eval_steps: list[int] = dataclasses.field(default_factory=list)
-    train_loss: list[float] = dataclasses.field(default_factory=list)
-    test_loss: list[float] = dataclasses.field(default_factory=list)
-    test_accuracy: list[float] = dataclasses.field(default_factory=list)
     step_times_ms: list[float] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
     pruned: PrunedModel | None = None
@@ -84,6 +84,27 @@ class RunResult:
             self.step_times_ms[warmup:] if len(self.step_times_ms) > warmup else self.step_times_ms
         )
         return statistics.median(times) if times else float("nan")
+
+
+@dataclasses.dataclass
+class RunResult(StepLog):
+    """What one training run (dense or FST) of an image classifier produced: the fields of
+    :class:`StepLog` and the evaluations.
+
+    Attributes:
+      train_loss: the loss on the whole training set at each of ``eval_steps``.
+      test_loss: the loss on the test set at each evaluation step.
+      test_accuracy: the test accuracy at each evaluation step.
+
+    Example:
+      >>> from fst_jax.train import RunResult
+      >>> RunResult("dense", train_loss=[0.4], test_loss=[0.5], test_accuracy=[0.9]).final()["test_accuracy"]
+      0.9
+    """
+
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    test_loss: list[float] = dataclasses.field(default_factory=list)
+    test_accuracy: list[float] = dataclasses.field(default_factory=list)
 
     def final(self) -> dict[str, float]:
         """The final metrics: train-set loss, test loss/accuracy, median step ms, compile s; with

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,39 +37,9 @@ def plot_curves(per_seed: Sequence[SeedResult], path: Path) -> bool:
       >>> plot_curves([SeedResult(0, {"dense": run})], path), path.stat().st_size > 0
       (True, True)
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    single = len(per_seed) == 1
-    for i, variant in enumerate(per_seed[0].runs):
-        color = f"C{i}"
-        for j, s in enumerate(per_seed):
-            r = s.runs[variant]
-            first = j == 0
-            if single:
-                ax_loss.plot(
-                    r.loss_steps, r.losses, color=color, alpha=0.35, linewidth=0.8,
-                    label=f"{variant} (batch)",
-                )
-            ax_loss.plot(
-                r.eval_steps, r.train_loss, color=color, marker="o", markersize=3,
-                alpha=1.0 if single else 0.6,
-                label=(f"{variant} (train set)" if single else variant) if first else None,
-            )
-            ax_acc.plot(
-                r.eval_steps, r.test_accuracy, color=color, marker="o", markersize=3,
-                alpha=1.0 if single else 0.6, label=variant if first else None,
-            )
-    seeds = f"seed {per_seed[0].seed}" if single else f"{len(per_seed)} seeds"
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title=f"train loss ({seeds})")
-    ax_acc.set(xlabel="step", ylabel="accuracy", title=f"test accuracy ({seeds})")
-    ax_loss.legend()
-    ax_acc.legend()
-    fig.savefig(path, dpi=120)
-    return True
+    return _curves([(s.seed, s.runs) for s in per_seed], path,
+                   _Panel(lambda r: r.train_loss, "cross-entropy", "train loss", "train set", "log"),
+                   _Panel(lambda r: r.test_accuracy, "accuracy", "test accuracy"))
 
 
 def plot_text_curves(per_seed: Sequence[tuple[int, dict[str, Any]]], path: Path) -> bool:
@@ -96,29 +67,47 @@ def plot_text_curves(per_seed: Sequence[tuple[int, dict[str, Any]]], path: Path)
       >>> plot_text_curves([(0, {"dense": run})], path), path.stat().st_size > 0
       (True, True)
     """
+    return _curves(per_seed, path, _Panel(lambda r: r.val_loss, "nats per character", "loss", "validation"),
+                   _Panel(lambda r: [v / math.log(2) for v in r.val_loss], "bits per character",
+                          "validation bits/char"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Panel:
+    """One panel: a value per evaluation step of a run, its axis label and title; ``what`` names
+    the curve beside the batch losses when one seed is drawn (left panel)."""
+
+    values: Callable[[Any], Sequence[float]]
+    ylabel: str
+    title: str
+    what: str = ""
+    yscale: str = "linear"
+
+
+def _curves(per_seed: Sequence[tuple[int, dict[str, Any]]], path: Path, left: _Panel, right: _Panel) -> bool:
+    """Two panels of curves per variant (one color each); with one seed, the left panel also shows
+    every batch's loss."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return False
     fig = Figure(figsize=(10, 4), layout="constrained")
-    ax_loss, ax_bpc = fig.subplots(1, 2)
+    axes = fig.subplots(1, 2)
     single = len(per_seed) == 1
     for i, variant in enumerate(per_seed[0][1]):
         color = f"C{i}"
         for j, (_, runs) in enumerate(per_seed):
             r = runs[variant]
             if single:
-                ax_loss.plot(r.loss_steps, r.losses, color=color, alpha=0.35, linewidth=0.8,
+                axes[0].plot(r.loss_steps, r.losses, color=color, alpha=0.35, linewidth=0.8,
                              label=f"{variant} (batch)")
-            label = variant if j == 0 else None
-            ax_loss.plot(r.eval_steps, r.val_loss, color=color, marker="o", markersize=3,
-                         label=f"{variant} (validation)" if single else label)
-            ax_bpc.plot(r.eval_steps, [v / math.log(2) for v in r.val_loss], color=color,
-                        marker="o", markersize=3, label=label)
-    seeds = "1 seed" if single else f"{len(per_seed)} seeds"
-    ax_loss.set(xlabel="step", ylabel="nats per character", title=f"loss ({seeds})")
-    ax_bpc.set(xlabel="step", ylabel="bits per character", title=f"validation bits/char ({seeds})")
-    ax_loss.legend()
-    ax_bpc.legend()
+            for ax, panel in zip(axes, (left, right)):
+                label = f"{variant} ({panel.what})" if single and panel.what else variant if j == 0 else None
+                ax.plot(r.eval_steps, panel.values(r), color=color, marker="o", markersize=3,
+                        alpha=1.0 if single else 0.6, label=label)
+    seeds = f"seed {per_seed[0][0]}" if single else f"{len(per_seed)} seeds"
+    for ax, panel in zip(axes, (left, right)):
+        ax.set(xlabel="step", ylabel=panel.ylabel, yscale=panel.yscale, title=f"{panel.title} ({seeds})")
+        ax.legend()
     fig.savefig(path, dpi=120)
     return True
