@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+import references
+
 from fst_jax._masks import (
     TRANSPOSABLE_PATTERNS,
     apply_mask,
@@ -30,23 +32,8 @@ EXACT = st.integers(-255, 255).map(lambda i: i / 8)
 
 
 # ---------------------------------------------------------------------------------------------
-# References, written independently of the implementation.
-
-
-def magnitude(x: np.ndarray) -> np.ndarray:
-    mag = np.abs(np.asarray(x).astype(np.float64))
-    mag[np.isnan(mag)] = np.inf
-    return mag
-
-
-def ref_mask_2to4(x: np.ndarray, axis: int) -> np.ndarray:
-    """Stable argsort of -|x| in each group of 4 (NaN as inf); keep the first two."""
-    mag = np.moveaxis(magnitude(x), axis, -1)
-    groups = mag.reshape(*mag.shape[:-1], -1, 4)
-    order = np.argsort(-groups, axis=-1, kind="stable")
-    keep = np.zeros(groups.shape, bool)
-    np.put_along_axis(keep, order[..., :2], True, axis=-1)
-    return np.moveaxis(keep.reshape(mag.shape), -1, axis)
+# References: tests/references.py (numpy, from DESIGN.md §1), and an enumeration of the
+# transposable patterns by brute force, independent of both the library and the references.
 
 
 def brute_force_patterns() -> np.ndarray:
@@ -72,26 +59,8 @@ def tiles_of(a: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
 
 def pattern_scores(x: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
     """Σ|w| kept by each of the 90 patterns, per tile: [batch..., K/4, O/4, 90]."""
-    t = tiles_of(magnitude(x), axes)
+    t = tiles_of(references.magnitude(x), axes)
     return np.where(PATTERNS, t[..., None, :, :], 0.0).sum((-2, -1))
-
-
-def ref_transposable(x: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
-    best = PATTERNS[np.argmax(pattern_scores(x, axes), axis=-1)]  # [batch..., K/4, O/4, 4, 4]
-    *batch, kt, ot, _, _ = best.shape
-    mask = best.swapaxes(-3, -2).reshape(*batch, 4 * kt, 4 * ot)
-    return np.moveaxis(mask, (-2, -1), axes)
-
-
-def ref_token_mask(shape, token_axis, contracting_axes, pattern):
-    idx = np.indices(shape)
-    t = idx[token_axis]
-    if contracting_axes:
-        dims = [shape[a] for a in contracting_axes]
-        k = np.ravel_multi_index([idx[a] for a in contracting_axes], dims)
-    else:
-        k = np.zeros(shape, np.int64)
-    return {"checkerboard": (t + k) % 2 == 0, "even": t % 2 == 0, "odd": t % 2 == 1}[pattern]
 
 
 def kept_per_group(mask: np.ndarray, axis: int) -> np.ndarray:
@@ -138,7 +107,7 @@ def check_mask_2to4(x, axis):
     mask = mask_2to4(x, axis)
     assert mask.dtype == jnp.bool_ and mask.shape == x.shape
     assert (kept_per_group(mask, axis) == 2).all()
-    np.testing.assert_array_equal(mask, ref_mask_2to4(np.asarray(x), axis))
+    np.testing.assert_array_equal(mask, references.mask_2to4(np.asarray(x), axis))
 
 
 @settings(max_examples=30)
@@ -219,6 +188,7 @@ def test_pattern_table():
     assert len({p.tobytes() for p in TRANSPOSABLE_PATTERNS}) == 90
     assert (TRANSPOSABLE_PATTERNS.sum(-1) == 2).all() and (TRANSPOSABLE_PATTERNS.sum(-2) == 2).all()
     np.testing.assert_array_equal(TRANSPOSABLE_PATTERNS, PATTERNS)  # the documented order
+    np.testing.assert_array_equal(references.PATTERNS, PATTERNS)  # the references enumerate the same
 
 
 def check_transposable(x, axes):
@@ -226,9 +196,9 @@ def check_transposable(x, axes):
     assert mask.dtype == np.bool_ and mask.shape == x.shape
     assert (kept_per_group(mask, axes[0]) == 2).all() and (kept_per_group(mask, axes[1]) == 2).all()
     scores = pattern_scores(np.asarray(x), axes)
-    chosen = np.where(tiles_of(mask, axes), tiles_of(magnitude(np.asarray(x)), axes), 0.0)
+    chosen = np.where(tiles_of(mask, axes), tiles_of(references.magnitude(np.asarray(x)), axes), 0.0)
     np.testing.assert_array_equal(chosen.sum((-2, -1)), scores.max(-1))  # maximises Σ|w|
-    np.testing.assert_array_equal(mask, ref_transposable(np.asarray(x), axes))  # first maximiser
+    np.testing.assert_array_equal(mask, references.transposable_mask(np.asarray(x), *axes))  # first maximiser
 
 
 @settings(max_examples=20)
@@ -313,7 +283,7 @@ def test_token_mask_matches_reference(case):
     shape, token_axis, t, contracting, pattern = case
     mask = token_mask(shape, token_axis=token_axis, contracting_axes=contracting, pattern=pattern)
     assert mask.dtype == jnp.bool_ and mask.shape == shape
-    np.testing.assert_array_equal(mask, ref_token_mask(shape, t, contracting, pattern))
+    np.testing.assert_array_equal(mask, references.fixed_mask(shape, t, tuple(contracting), pattern))
 
 
 @given(token_cases(token_len=st.sampled_from((4, 8, 12))))
