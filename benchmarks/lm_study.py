@@ -20,7 +20,12 @@ on Python's standard-library sources (:func:`~fst_jax.text.load_corpus`, 2 M cha
 * ``gw_dense``: FST with a dense grad-weight product (``grad_weight="dense"``): what the forward and
   grad-input products cost alone;
 * ``mvue``: FST, ``FSTConfig(grad_weight="mvue")`` (the grad-weight product on the minimum-variance
-  unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask).
+  unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask);
+* ``fwd_only``: FST forward product alone (``grad_input="dense", grad_weight="dense"``): with
+  ``gw_dense``, splits the forward and grad-input products' share of the gap;
+* ``transposable_mvue``: one transposable mask (2:4 along both ``K`` and ``O``) for the forward and
+  grad-input products, so the grad-input product uses the forward's weight exactly (no second
+  pruning), and the mvue grad-weight.
 
 Every variant of a seed starts from the same initialization (``jax.random.key(seed)``) and sees the
 same batches. The metric is the validation loss (nats per character) and bits per character of the
@@ -71,6 +76,11 @@ VARIANTS: dict[str, tuple[str, fst_jax.FSTConfig | None]] = {
                  fst_jax.FSTConfig(grad_weight="dense")),
     "mvue": ("FST, grad-weight by the unbiased 2:4 sample of dY (`grad_weight=\"mvue\"`)",
              fst_jax.FSTConfig(grad_weight="mvue")),
+    "fwd_only": ("FST forward only (`grad_input=\"dense\", grad_weight=\"dense\"`)",
+                 fst_jax.FSTConfig(grad_input="dense", grad_weight="dense")),
+    "transposable_mvue": ("FST, one transposable mask for forward and grad-input, mvue grad-weight "
+                          "(`grad_input=\"transposable\", grad_weight=\"mvue\"`)",
+                          fst_jax.FSTConfig(grad_input="transposable", grad_weight="mvue")),
 }
 EVAL_WINDOWS = 512  # 512 windows of 128 characters: 64 Ki validation characters
 FULL = {"steps": 600, "batch_size": 16, "d_model": 256, "layers": 2, "heads": 4, "seq_len": 128,
