@@ -8,7 +8,7 @@
 # For a bare machine of the kind the project is lent: one H100/H200, Python 3.12, jax 0.11.2 with
 # the CUDA 13 plugin, nvidia-cusparselt-cu13, nvcc 13.0, torch; no network. Run from the working
 # tree (PYTHONPATH=. is set here). $PYTHON picks the interpreter (default: python). The stage caps
-# add up to under 7 minutes (415 s); on an H200 the stages took about 4 minutes (2026-11-29).
+# add up to under 8 minutes (460 s); on an H200 stages 1-6 took about 4 minutes (2026-11-29).
 # --only runs the named stages alone (e.g. --only "1_build 2_cslt_tests"), for a rerun.
 #
 # Stages (DIR/<stage>.log, DIR/<stage>.json, DIR/<stage>.md; DIR/summary.md lists them all):
@@ -22,6 +22,9 @@
 #                                                               train_step.*)              105 s
 #   6_torch           python -m benchmarks.cusparselt_torch    (torch._cslt_sparse_mm, own
 #                                                               process; bench/torch.*)     30 s
+#   7_checkerboard    python -m benchmarks.checkerboard        (the compact checkerboard
+#                     --dtype bfloat16 --runs 20                grad-weight's forms: two quarter
+#                                                               GEMMs vs one batched GEMM)  45 s
 # Test stages log a line per test as it ends, so a stage cut off by its timeout still shows what
 # ran; the benchmark writes each section as it finishes.
 #
@@ -39,7 +42,7 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1 ;;
     --out) OUT="$2"; shift ;;
     --only) ONLY=" $2 "; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -127,12 +130,14 @@ if [ "$SMOKE" = 1 ]; then
   for s in 2_cslt_tests 3_pallas_backend 4_kernel_tests; do skipped $s "smoke mode (no GPU stages)"; done
   stage 5_bench 120 cmd "$PY" -m benchmarks.cusparselt --smoke --out "$OUT/bench"
   stage 6_torch 60 cmd "$PY" -m benchmarks.cusparselt_torch --smoke --out "$OUT/bench"
+  stage 7_checkerboard 60 cmd "$PY" -m benchmarks.checkerboard --shape 256 64 64 --runs 2
 else
   stage 2_cslt_tests 60 pytest "${PYTEST[@]}" tests/test_cusparselt_gpu.py
   stage 3_pallas_backend 75 pytest "${PYTEST[@]}" tests/test_pallas_backend.py
   stage 4_kernel_tests 110 pytest "${PYTEST[@]}" tests/test_kernels.py -k "not Interpret"
   stage 5_bench 105 cmd "$PY" -m benchmarks.cusparselt --out "$OUT/bench"
   stage 6_torch 30 cmd "$PY" -m benchmarks.cusparselt_torch --out "$OUT/bench"
+  stage 7_checkerboard 45 cmd "$PY" -m benchmarks.checkerboard --dtype bfloat16 --runs 20
 fi
 for f in "$OUT"/bench/*.md; do [ -e "$f" ] && { echo; cat "$f"; } >> "$OUT/summary.md"; done
 echo

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run
 
 
@@ -62,3 +64,15 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
         assert mem["compact"]["residual_bytes"] < mem["masked"]["residual_bytes"]
 
     assert results["targets"] and all(t["met"] in ("met", "MISSED") for t in results["targets"])
+
+
+def test_hlo_proxy_counts_fst_extra_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The compile-only proxy count: FST's compact step moves more non-GEMM bytes than dense, and
+    the default config (first and last matmul dense) fewer than compact."""
+    from benchmarks import hlo_proxy
+
+    assert hlo_proxy.main(["--quick", "--models", "mlp", "--modes", "compact", "default"]) == 0
+    rows = {line.split("|")[2].strip(): float(line.split("|")[5]) for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| mlp |")}
+    assert set(rows) == {"compact", "default"}
+    assert rows["compact"] > rows["default"] > 0

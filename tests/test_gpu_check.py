@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("1_build", "2_cslt_tests", "3_pallas_backend", "4_kernel_tests", "5_bench", "6_torch")
+STAGES = ("1_build", "2_cslt_tests", "3_pallas_backend", "4_kernel_tests", "5_bench", "6_torch", "7_checkerboard")
 
 
 def test_gpu_check_smoke_writes_every_stage(tmp_path):
