@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
     --smoke) SMOKE=1 ;;
     --out) OUT="$2"; shift ;;
     --only) ONLY=" $2 "; shift ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
