@@ -270,7 +270,10 @@ class FSTConfig:
         testing). ``"auto"``: ``"cusparselt"`` where :func:`fst_jax.cusparselt.available` (a
         CUDA GPU of compute capability 8.x/9.x and the extension already built; it never starts
         a build), else ``"xla"``; the report says which and why. The compact grad-weight product
-        runs on XLA with every backend but ``"pallas"``.
+        runs on XLA with every backend but ``"pallas"``; with ``grad_weight="mvue"``,
+        ``"cusparselt"`` runs the grad-weight product on the sparse tensor cores as well (the
+        sampled ``dY`` is 2:4 along the tokens, its contracting dimension), where the token axis
+        is the activation's innermost free axis.
 
     Raises:
       ValueError: a field has a value outside its allowed set.

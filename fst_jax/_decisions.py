@@ -349,6 +349,12 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         patterns=rotating if rotating is not None and gw.sparse and cfg.grad_weight == "fixed_mask" else (),
         act_shape=tuple(site.eqn.invars[1 - side].aval.shape) if rotating is not None else (), sr_ste=cfg.sr_ste if per_use else 0.0,
         mode=cfg.mode, backend=fwd_backend)
+    if plan.sparse_dy:
+        gw = Product(True, variant="mvue, sparse dY (keeps the whole activation)", backend="cusparselt",
+                     executed=0.5)
+    elif plan.grad_weight == "mvue" and backend == "cusparselt":
+        why = note or "cusparselt: the token axis is not the activation's innermost free axis"
+        gw = dataclasses.replace(gw, note=why)
     sr = "off" if not (cfg.forward and cfg.sr_ste > 0) else ("per use" if per_use else "parameter")
     return Decision(forward=fwd, grad_input=gi, grad_weight=gw, plan=plan, sr_ste=sr, **common)
 

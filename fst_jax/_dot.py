@@ -63,7 +63,8 @@ class GemmPlan:
     sr_ste: float = 0.0
     mode: str = "masked"  # "compact": grad-weight over the kept half of the tokens only
     backend: str = "xla"  # "pallas": the Pallas kernels where the layout allows; "cusparselt": the
-    # forward and grad-input products on the 2:4 sparse tensor cores (see cusparselt_ineligible)
+    # forward and grad-input products (and the mvue grad-weight: sparse_dy) on the 2:4 sparse
+    # tensor cores (see cusparselt_ineligible)
     conv: bool = False  # a conv_general_dilated (weight = kernel = rhs) rather than a dot_general
     t_out_axes: tuple[int, ...] = ()  # conv: the output's spatial axes, flattened row-major into t
     act_free: tuple[int, ...] = ()  # the activation's free axes (t among them), for p = b·T + t
@@ -89,6 +90,15 @@ class GemmPlan:
         token axis is the activation's innermost free axis; convolutions and other token axes run
         the masked rotating product."""
         return (self.rotating and self.mode == "compact" and not self.conv and self.t_axis is not None
+                and bool(self.act_free) and self.t_axis == self.act_free[-1])
+
+    @property
+    def sparse_dy(self) -> bool:
+        """Whether the ``"mvue"`` grad-weight product runs on the 2:4 sparse tensor cores with the
+        sampled ``dY`` as the sparse operand (:func:`_cslt_grad_weight`): the cuSPARSELt backend
+        and the token axis the activation's innermost free axis, so that each group of 4 tokens
+        the sample keeps 2 of is a group of 4 consecutive rows of the flattened product."""
+        return (self.grad_weight == "mvue" and self.backend == "cusparselt" and self.t_axis is not None
                 and bool(self.act_free) and self.t_axis == self.act_free[-1])
 
     @property
@@ -406,6 +416,22 @@ def _cslt_grad_input(plan: GemmPlan, act: jax.Array, w_b: jax.Array, dy: jax.Arr
     return cusparselt.matmul(d2, w2, sparse="rhs", transpose_lhs=t_lhs, transpose_rhs=k_first).reshape(act.shape)
 
 
+def _cslt_grad_weight(plan: GemmPlan, act: jax.Array, s_dy: jax.Array, weight: jax.Array) -> jax.Array:
+    """``dW = Aᵀ·S(dY)`` on the 2:4 sparse tensor cores: the sampled ``S(dY)`` is the sparse
+    operand, 2:4 along the tokens, the contracting dim of this product (:attr:`GemmPlan.sparse_dy`)."""
+    from fst_jax import cusparselt  # noqa: PLC0415
+
+    k, o, k_first, _, _ = _cslt_operands(plan, act, weight)
+    a2 = act.reshape(-1, k)  # [M, K], M = the flattened tokens
+    # S(dY) flattened as [M, O] (weight on the rhs) or [O, M] (on the lhs: dY is [O..., M...])
+    d2, d_t = (s_dy.reshape(-1, o), False) if plan.weight_side == 1 else (s_dy.reshape(o, -1), True)
+    if k_first:  # dW [K, O] = A2ᵀ · [M, O]
+        d_w = cusparselt.matmul(a2, d2, sparse="rhs", transpose_lhs=True, transpose_rhs=d_t)
+    else:  # dW [O, K] = [O, M] · A2
+        d_w = cusparselt.matmul(d2, a2, sparse="lhs", transpose_lhs=not d_t)
+    return d_w.reshape(weight.shape)
+
+
 def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
@@ -717,6 +743,9 @@ def _fst_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, Any, jax.Array], dy:
     elif plan.conv:
         act = saved
         d_w = _conv_grad_weight(plan, act, weight, dy, choice)
+    elif plan.sparse_dy:
+        act = saved
+        d_w = _cslt_grad_weight(plan, act, _mvue(dy, plan.t_out_axis, choice), weight)
     else:
         act = saved
         a_g, dy_g = _grad_weight_operands(plan, act, dy, choice)

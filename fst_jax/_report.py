@@ -100,7 +100,8 @@ def _row(d: Decision) -> Row:
                param_path=d.param_path, trips=d.site.trips, forward=str(d.forward),
                grad_input=str(d.grad_input), grad_weight=str(d.grad_weight),
                backends=tuple(p.backend for p in d.products), token_axis=d.token_axis, tokens=d.tokens,
-               sr_ste=d.sr_ste, backend_note=d.forward.note or d.grad_input.note, flops_dense=len(counted) * per_gemm,
+               sr_ste=d.sr_ste, backend_note=d.forward.note or d.grad_input.note or d.grad_weight.note,
+               flops_dense=len(counted) * per_gemm,
                flops_executed=sum(int(per_gemm * p.executed) for p in counted),
                flops_fst=sum(per_gemm // 2 if p.sparse else per_gemm for p in counted), decision=d)
 
