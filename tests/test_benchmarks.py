@@ -43,8 +43,9 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
             assert mem["temp_size_in_bytes"] is None or mem["temp_size_in_bytes"] >= 0
             comp = results["compile"][model][mode]
             assert _positive(comp["lower_s"]) and _positive(comp["compile_s"])
-        for name in ("masked", "compact", "compact_even", "default"):
+        for name in ("masked", "compact", "compact_even", "default", "compact_rotating", "mvue"):
             assert _positive(step[f"speedup_{name}"])
+        assert _positive(step["rotating_vs_fixed"])
         # the memory floor: compact keeps at least the floor; the floor keeps less than dense
         mem = results["memory"][model]
         assert mem["floor"]["residual_bytes"] < mem["dense"]["residual_bytes"]
