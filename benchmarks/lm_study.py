@@ -23,6 +23,8 @@ on Python's standard-library sources (:func:`~fst_jax.text.load_corpus`, 2 M cha
   unbiased 2:4 sample of ``dY`` along the tokens, keyed by the step number; no fixed token mask);
 * ``fwd_only``: FST forward product alone (``grad_input="dense", grad_weight="dense"``): with
   ``gw_dense``, splits the forward and grad-input products' share of the gap;
+* ``transposable``: one transposable mask (2:4 along both ``K`` and ``O``) for the forward and
+  grad-input products, the fixed checkerboard grad-weight;
 * ``transposable_mvue``: one transposable mask (2:4 along both ``K`` and ``O``) for the forward and
   grad-input products, so the grad-input product uses the forward's weight exactly (no second
   pruning), and the mvue grad-weight.
@@ -78,6 +80,8 @@ VARIANTS: dict[str, tuple[str, fst_jax.FSTConfig | None]] = {
              fst_jax.FSTConfig(grad_weight="mvue")),
     "fwd_only": ("FST forward only (`grad_input=\"dense\", grad_weight=\"dense\"`)",
                  fst_jax.FSTConfig(grad_input="dense", grad_weight="dense")),
+    "transposable": ("FST, one transposable mask for forward and grad-input (`grad_input=\"transposable\"`)",
+                     fst_jax.FSTConfig(grad_input="transposable")),
     "transposable_mvue": ("FST, one transposable mask for forward and grad-input, mvue grad-weight "
                           "(`grad_input=\"transposable\", grad_weight=\"mvue\"`)",
                           fst_jax.FSTConfig(grad_input="transposable", grad_weight="mvue")),
