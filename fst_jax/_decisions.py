@@ -62,7 +62,11 @@ class Product:
       sparse: whether its weight or activation operand is 2:4 (or half-token) sparse.
       reason: why it is dense (``None`` when sparse).
       detail: the values the reason's message names, as sorted ``(name, value)`` pairs.
-      variant: for a sparse product, how (``"prune_output_dim"``, ``"fixed_mask checkerboard"``, ...).
+      variant: for a sparse product, its config value (``"prune_output_dim"``, ``"fixed_mask"``,
+        ``"mvue"``, ...).
+      pattern: the grad-weight token pattern (``"checkerboard"``, ``"rotating(4)"``; ``""`` where
+        none applies).
+      how: how it runs where that varies (``"compact"``, ``"masked (odd T)"``, ...).
       backend: what computes it: ``"xla"`` (a dense GEMM on masked operands, or on the kept half of
         the tokens in compact mode), ``"pallas"`` or ``"none"`` (not computed: an operand that is
         not differentiated).
@@ -74,6 +78,8 @@ class Product:
     reason: Reason | None = None
     detail: tuple[tuple[str, Any], ...] = ()
     variant: str = ""
+    pattern: str = ""
+    how: str = ""
     backend: str = "xla"
     executed: float = 1.0
     note: str = ""  # why it runs on ``backend`` rather than the backend the config asks for
@@ -86,7 +92,8 @@ class Product:
     def __str__(self) -> str:
         if not self.sparse:
             return f"dense: {self.message}"
-        return f"sparse ({self.variant})" if self.variant else "sparse"
+        detail = ", ".join(x for x in (self.variant, self.pattern, self.how) if x)
+        return f"sparse ({detail})" if detail else "sparse"
 
 
 def _dense(reason: Reason, **detail: Any) -> Product:
@@ -321,21 +328,9 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         gw = _dense(Reason.FEW_TOKENS, T=geo.T)
     elif cfg.grad_weight in ("prune_grad_output", "mvue") and geo.T % 4:
         gw = _dense(Reason.T_NOT_4, T=geo.T, how=cfg.grad_weight)
-    elif cfg.grad_weight == "fixed_mask" and rotating is not None:
-        a_free = geo.identity.act_free
-        compact = cfg.mode == "compact" and not site.conv and bool(a_free) and geo.t_axis == a_free[-1]
-        if compact or cfg.mode == "masked":
-            how = cfg.mode
-        else:
-            how = "masked (convolution)" if site.conv else "masked (token_axis not the innermost free axis)"
-        gw = Product(True, variant=f"fixed_mask, rotating({len(rotating)}), {how}",
-                     executed=0.5 if compact else 1.0)
-    elif cfg.grad_weight == "fixed_mask":
-        compact = cfg.mode == "compact" and geo.T % 2 == 0
-        how = "compact" if compact else ("masked (odd T)" if cfg.mode == "compact" else "masked")
-        gw = Product(True, variant=f"fixed_mask, {cfg.pattern}, {how}", executed=0.5 if compact else 1.0)
-    elif cfg.grad_weight == "mvue":
-        gw = Product(True, variant="mvue, masked (keeps the whole activation)")
+    elif cfg.grad_weight == "fixed_mask":  # how it runs: from the plan (below)
+        gw = Product(True, variant="fixed_mask",
+                     pattern=cfg.pattern if rotating is None else f"rotating({len(rotating)})")
     else:
         gw = Product(True, variant=cfg.grad_weight)
     if not (fwd.sparse or gi.sparse or gw.sparse):
@@ -349,14 +344,27 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         patterns=rotating if rotating is not None and gw.sparse and cfg.grad_weight == "fixed_mask" else (),
         act_shape=tuple(site.eqn.invars[1 - side].aval.shape) if rotating is not None else (), sr_ste=cfg.sr_ste if per_use else 0.0,
         mode=cfg.mode, backend=fwd_backend)
-    if plan.sparse_dy:
-        gw = Product(True, variant="mvue, sparse dY (keeps the whole activation)", backend="cusparselt",
-                     executed=0.5)
-    elif plan.grad_weight == "mvue" and backend == "cusparselt":
-        why = note or "cusparselt: the token axis is not the activation's innermost free axis"
-        gw = dataclasses.replace(gw, note=why)
+    if plan.grad_weight in ("fixed_mask", "mvue"):
+        gw = dataclasses.replace(gw, **_grad_weight_runs(plan, backend, note))
     sr = "off" if not (cfg.forward and cfg.sr_ste > 0) else ("per use" if per_use else "parameter")
     return Decision(forward=fwd, grad_input=gi, grad_weight=gw, plan=plan, sr_ste=sr, **common)
+
+
+def _grad_weight_runs(plan: GemmPlan, backend: str, note: str) -> dict[str, Any]:
+    """How a plan's token-sampled grad-weight product runs (``how``, ``backend``, ``executed``,
+    ``note``): the plan's own properties decide, so the report says what :mod:`fst_jax._dot` does."""
+    if plan.sparse_dy:
+        return dict(how="sparse dY (keeps the whole activation)", backend="cusparselt", executed=0.5)
+    if plan.grad_weight == "mvue":
+        why = note or "cusparselt: the token axis is not the activation's innermost free axis"
+        return dict(how="masked (keeps the whole activation)", note=why if backend == "cusparselt" else "")
+    if plan.compact or plan.rotating_compact:
+        return dict(how="compact", executed=0.5)
+    if plan.mode == "masked":
+        return dict(how="masked")
+    if plan.rotating:
+        return dict(how="masked (convolution)" if plan.conv else "masked (token_axis not the innermost free axis)")
+    return dict(how="masked (odd T)")
 
 
 def sr_ste_coefficient(decision: Decision, base: FSTConfig) -> float:
