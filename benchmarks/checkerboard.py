@@ -10,8 +10,10 @@ Run from the repository root::
 quarter GEMMs: ``A[t even, k even]ᵀ·dY'[t even]`` and ``A[t odd, k odd]ᵀ·dY'[t odd]``, interleaved
 along ``K``. The forms:
 
-* ``library``: ``fst_jax._dot._compact_grad_weight`` as it is (two arrays saved, two GEMMs, each
-  parity's shifted ``dY`` computed from all of ``dY``: two reads of ``dY``);
+* ``library``: what ``sparsify`` runs (:func:`benchmarks.run.library_compact`: since 2026-11-30
+  the two quarters selected per token pair through ``fst_jax._rotate``, one batched GEMM);
+* ``two_gemms``: ``fst_jax._dot._compact_grad_weight``, the form before (two arrays saved, two
+  GEMMs, each parity's shifted ``dY`` computed from all of ``dY``: two reads of ``dY``);
 * ``batched``: the two quarters saved stacked ``[2, T/2, K/2]``, ``dY'`` split by parity in one
   pass (``dY`` read once) into ``[2, T/2, O]``, one batched ``dot_general`` (a strided-batched GEMM
   on a GPU), then the interleave;
@@ -21,9 +23,11 @@ along ``K``. The forms:
 
 Each round runs every form once (order rotated); the ratio is dense time / form time of the same
 round, and the median over rounds is printed. On the 2-core CPU of 2026-11-29 (load 7-8, so
-provisional) ``library`` was the fastest checkerboard form: XLA:CPU's batched dot, and the slices of
+provisional) ``two_gemms`` was the fastest checkerboard form at the GEMM level: XLA:CPU's batched dot, and the slices of
 a stacked array (copies), cost more than the second read of ``dY`` saves. On a GPU the byte count
-favours ``batched``; run this there before changing the library.
+favours ``batched``. In whole training steps the batched form through ``fst_jax._rotate`` was
+faster on the CPU too (transformer block 1.21× dense vs 1.00×, 2026-11-30), and the library
+switched to it; run this on a GPU to see the forms there.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from benchmarks.run import matmul_plan
+from benchmarks.run import library_compact, matmul_plan
 from fst_jax import _dot
 
 
@@ -106,16 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     parts = jax.block_until_ready(jax.jit(functools.partial(_dot._compact_parts, plan))(a))
     stack = jax.block_until_ready(jnp.stack(parts))
     even_parts = jax.block_until_ready(jax.jit(functools.partial(_dot._compact_parts, even_plan))(a))
-    library = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
+    two_gemms = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
+    take, product = library_compact(plan, a.shape, w.shape)
+    lib_parts = jax.block_until_ready(jax.jit(take)(a))
     fns = {
         "dense": functools.partial(jax.jit(lambda a, dy: a.T @ dy), a, dy),
-        "library": functools.partial(library, parts, w, dy),
+        "library": functools.partial(jax.jit(product), lib_parts, w, dy),
+        "two_gemms": functools.partial(two_gemms, parts, w, dy),
         "batched": functools.partial(jax.jit(functools.partial(batched, scale=s)), stack, dy),
         "stacked_two_gemms": functools.partial(jax.jit(functools.partial(stacked_two_gemms, scale=s)), stack, dy),
         "even": functools.partial(jax.jit(functools.partial(_dot._compact_grad_weight, even_plan)), even_parts, w, dy),
     }
     ref = jnp.asarray(fns["library"](), jnp.float32)
-    for name in ("batched", "stacked_two_gemms"):
+    for name in ("two_gemms", "batched", "stacked_two_gemms"):
         err = float(jnp.max(jnp.abs(jnp.asarray(fns[name](), jnp.float32) - ref)))
         assert err <= 1e-3 * float(jnp.max(jnp.abs(ref))), (name, err)
     res = paired(fns, args.runs)

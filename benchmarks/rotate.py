@@ -11,7 +11,9 @@ All on ``jax.default_backend()``, interleaved round-robin, each call waited for
 
 * *dense*: ``a.T @ dy``.
 * *fixed checkerboard*: ``fst_jax._dot._compact_grad_weight`` on the kept half of ``A`` already
-  gathered (two quarter GEMMs interleaved along ``K``), as ``mode="compact"`` runs today.
+  gathered (two quarter GEMMs interleaved along ``K``), the form ``mode="compact"`` ran before
+  2026-11-30 (now the checkerboard runs through ``fst_jax._rotate`` like the rotating patterns,
+  and this form only where the token axis is not the activation's innermost free axis).
 * *rotating*: :func:`fst_jax._rotate.rotating_compact_grad_weight` on its kept half, the pattern
   choice a traced int32 that changes every call (cycling through the authors' four): one batched
   ``dot_general`` over the two ``K`` parities.

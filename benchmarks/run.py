@@ -20,9 +20,12 @@ Sections (the keys of ``results.json``):
     The grad-weight product alone, ``dW = Aᵀ·dY`` for ``A: [T, K]``, ``dY: [T, O]``.
     *dense* is ``jit(lambda a, dy: a.T @ dy)``. *masked* is what ``mode="masked"`` runs: the
     token-masked ``A``, the shifted ``dY`` and a dense GEMM. *compact* is
-    ``fst_jax._dot._compact_grad_weight`` on the kept half of ``A`` already gathered (what the
-    compact custom_vjp saves as its residual): the shifted ``dY`` over the kept tokens and one half
-    GEMM (``even``) or two quarter GEMMs interleaved along ``K`` (``checkerboard``). *compact incl.
+    the library's compact product (:func:`library_compact`) on the kept half of ``A`` already
+    gathered (what the compact custom_vjp saves as its residual): the shifted ``dY`` over the kept
+    tokens and one half GEMM (``even``) or, for the ``checkerboard``, the two quarters as one GEMM
+    batched over the two parities (``fst_jax._rotate``); the profile below splits the older form
+    (two quarter GEMMs interleaved along ``K``, still used where the token axis is not the
+    innermost free axis). *compact incl.
     gather* also gathers the kept half of ``A`` from the full ``A`` inside the same jit (in
     training that gather happens in the forward pass, once per step). Ratios are
     ``dense time / other time``: above 1 means faster than dense.
@@ -105,7 +108,7 @@ from tqdm import tqdm
 
 import fst_jax
 from benchmarks import overhead
-from fst_jax import _dot
+from fst_jax import _dot, _rotate
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "out"
@@ -242,7 +245,21 @@ def matmul_plan(a: jax.Array, w: jax.Array, pattern: str, mode: str) -> _dot.Gem
     return _dot.GemmPlan(
         dot_params=tuple(sorted(params.items())), weight_side=1, forward=True,
         grad_input="prune_output_dim", grad_weight="fixed_mask", k_axis=0, o_axis=1, t_axis=0,
-        t_out_axis=0, act_contract=(1,), pattern=pattern, restore_scale=0.03, mode=mode)
+        t_out_axis=0, act_contract=(1,), pattern=pattern, restore_scale=0.03, mode=mode,
+        act_free=(0,), tokens=a.shape[0], act_shape=tuple(a.shape))
+
+
+def library_compact(plan: _dot.GemmPlan, a_shape: tuple[int, ...],
+                    w_shape: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """(gather, product): the kept half of ``A`` and ``dW`` from it, as the compact custom_vjp of
+    ``sparsify`` computes them for ``plan``: the checkerboard through :mod:`fst_jax._rotate` (one
+    GEMM batched over the two parities), ``"even"``/``"odd"`` as one half GEMM."""
+    if plan.rotating_compact:
+        lay, pats = _dot._layout(plan, a_shape, w_shape), plan.compact_patterns
+        return (lambda a: _rotate.rotating_compact_parts(a, 0, lay, pats),
+                lambda parts, w, dy: _rotate.rotating_compact_grad_weight(
+                    parts, 0, dy, lay, weight_dtype=w.dtype, scale=plan.restore_scale, patterns=pats))
+    return functools.partial(_dot._compact_parts, plan), functools.partial(_dot._compact_grad_weight, plan)
 
 
 def _masked_grad_weight(plan: _dot.GemmPlan, a: jax.Array, w: jax.Array, dy: jax.Array) -> jax.Array:
@@ -264,11 +281,15 @@ def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, ru
     a, w, dy = _gemm_inputs(t, k, o, dtype)
     plan = matmul_plan(a, w, pattern, "compact")
     mplan = matmul_plan(a, w, pattern, "masked")
-    parts = jax.block_until_ready(jax.jit(functools.partial(_dot._compact_parts, plan))(a))
+    take, product = library_compact(plan, a.shape, w.shape)
+    parts = jax.block_until_ready(jax.jit(take)(a))
     dense = jax.jit(lambda a, dy: a.T @ dy)
     masked = jax.jit(functools.partial(_masked_grad_weight, mplan))
-    compact = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
-    gather = jax.jit(lambda a, w, dy: _dot._compact_grad_weight(plan, _dot._compact_parts(plan, a), w, dy))
+    compact = jax.jit(product)
+    gather = jax.jit(lambda a, w, dy: product(take(a), w, dy))
+    ref, got = masked(a, w, dy).astype(jnp.float32), compact(parts, w, dy).astype(jnp.float32)
+    if not bool(jnp.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(jnp.max(jnp.abs(ref))))):
+        raise AssertionError(f"compact grad-weight != masked for {pattern} {t}x{k}x{o}")
     fns = {
         "dense": lambda: dense(a, dy),
         "masked": lambda: masked(a, w, dy),

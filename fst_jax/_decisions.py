@@ -342,7 +342,7 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
         grad_weight=cfg.grad_weight if gw.sparse else "dense",
         pattern=cfg.pattern if rotating is None else "rotating", restore_scale=cfg.restore_scale,
         patterns=rotating if rotating is not None and gw.sparse and cfg.grad_weight == "fixed_mask" else (),
-        act_shape=tuple(site.eqn.invars[1 - side].aval.shape) if rotating is not None else (), sr_ste=cfg.sr_ste if per_use else 0.0,
+        act_shape=tuple(site.eqn.invars[1 - side].aval.shape), sr_ste=cfg.sr_ste if per_use else 0.0,
         mode=cfg.mode, backend=fwd_backend)
     if plan.grad_weight in ("fixed_mask", "mvue"):
         gw = dataclasses.replace(gw, **_grad_weight_runs(plan, backend, note))

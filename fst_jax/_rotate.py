@@ -14,8 +14,9 @@ an elementwise select between the even and the odd token of each pair with a *tr
     dW[κ::2, :] = part[κ]ᵀ · dY'[2j + phase(choice, κ, j), :]     (one batched GEMM over κ)
 
 One compiled function serves every draw: the choice only moves a select, never a shape, and no
-``lax.switch`` picks between GEMMs. The cost is that of the fixed checkerboard's compact product
-(two quarter GEMMs, here one batched call), whatever pattern is drawn.
+``lax.switch`` picks between GEMMs. The fixed checkerboard's compact product runs here too, as
+the one-pattern set with a constant choice (:attr:`fst_jax._dot.GemmPlan.rotating_compact`), so a
+rotating pattern costs what the fixed checkerboard costs, whatever pattern is drawn.
 
 Layouts follow ``dot_general``: :func:`compact_layout` reads the activation's free, contracting and
 batch axes from the ``dimension_numbers`` and which side the weight is on, and every function

@@ -82,13 +82,13 @@ def test_auto_is_xla_without_a_gpu_and_says_why():
 
 def test_training_step_lowers_for_cuda_to_the_custom_calls():
     """Forward (3) and grad-input (2: the first layer's input is data) products are cuSPARSELt
-    calls; the only dot_generals left are the compact grad-weight products (two quarter GEMMs
-    per layer for the checkerboard)."""
+    calls; the only dot_generals left are the compact grad-weight products (for the checkerboard,
+    one GEMM per layer batched over the two parities)."""
     p, x = make()
     text = lower_for_cuda(jax.grad(fst_jax.sparsify(loss, CFG)), p, x)
     calls = custom_calls(text)
     assert calls.count("fst_cslt_matmul") == 5 and calls.count("fst_cslt_compress") == 5
-    assert text.count("stablehlo.dot_general") == 3 * 2
+    assert text.count("stablehlo.dot_general") == 3  # one batched GEMM over both parities per layer
     text = lower_for_cuda(jax.grad(fst_jax.sparsify(loss, CFG.replace(backend="xla"))), p, x)
     assert "fst_cslt" not in text
 
