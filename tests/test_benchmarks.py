@@ -77,3 +77,14 @@ def test_hlo_proxy_counts_fst_extra_bytes(capsys: pytest.CaptureFixture[str]) ->
             if line.startswith("| mlp |")}
     assert set(rows) == {"compact", "default"}
     assert rows["compact"] > rows["default"] > 0
+
+
+def test_step_ratio_times_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """The focused step benchmark: one row per variant with a positive paired ratio (no speed
+    assertion: the smoke sizes time nothing meaningful)."""
+    from benchmarks import step_ratio
+
+    assert step_ratio.main(["--quick", "--models", "mlp", "--runs", "2", "--warmup", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp |")]
+    assert [r[2].strip() for r in rows] == ["dense", "checkerboard", "even", "rotating(checkerboard)"]
+    assert all(float(r[4]) > 0 for r in rows)
