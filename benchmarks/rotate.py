@@ -14,7 +14,7 @@ All on ``jax.default_backend()``, interleaved round-robin, each call waited for
   gathered (two quarter GEMMs interleaved along ``K``), the form ``mode="compact"`` ran before
   2026-11-30 (now the checkerboard runs through ``fst_jax._rotate`` like the rotating patterns,
   and this form only where the token axis is not the activation's innermost free axis).
-* *rotating*: :func:`fst_jax._rotate.rotating_compact_grad_weight` on its kept half, the pattern
+* *rotating*: :func:`fst_jax._rotate.parts_grad_weight` on its kept half, the pattern
   choice a traced int32 that changes every call (cycling through the authors' four): one batched
   ``dot_general`` over the two ``K`` parities.
 * *rotating, two GEMMs*: the same selects with two separate ``dot_general`` calls, for comparison.
@@ -42,7 +42,7 @@ from fst_jax import _dot, _masks, _rotate
 
 
 def _rotating_two_gemms(parts, choice, dy, layout, scale):
-    """rotating_compact_grad_weight with two dot_generals instead of one batched call."""
+    """parts_grad_weight with two dot_generals instead of one batched call."""
     dys = _rotate._kept_gradients(dy, layout, _masks.AUTHORS_PATTERNS,
                                   jnp.asarray(choice, jnp.int32), scale)
     halves = [lax.dot_general(parts[i], dys[i], (((1,), (1,)), ((0,), (0,)))) for i in (0, 1)]
@@ -60,13 +60,13 @@ def bench(t: int, k: int, o: int, warmup: int, runs: int, dtype: Any = jnp.float
     scale = 0.03
 
     fixed_parts_fn = jax.jit(functools.partial(_dot._compact_parts, plan))
-    rot_parts_fn = jax.jit(lambda a, c: _rotate.rotating_compact_parts(a, c, lay))
+    rot_parts_fn = jax.jit(lambda a, c: _rotate.select_parts(a, c, lay))
     fixed_parts = jax.block_until_ready(fixed_parts_fn(a))
     rot_parts = jax.block_until_ready(rot_parts_fn(a, jnp.int32(0)))
 
     dense = jax.jit(lambda a, dy: a.T @ dy)
     fixed = jax.jit(functools.partial(_dot._compact_grad_weight, plan))
-    rot = jax.jit(lambda p, c, dy: _rotate.rotating_compact_grad_weight(
+    rot = jax.jit(lambda p, c, dy: _rotate.parts_grad_weight(
         p, c, dy, lay, weight_dtype=dtype, scale=scale))
     rot2 = jax.jit(lambda p, c, dy: _rotating_two_gemms(p, c, dy, lay, scale))
     mvue_sample = jax.jit(lambda dy, seed: _dot._mvue(dy, 0, seed))

@@ -23,16 +23,17 @@ Sections (the keys of ``results.json``):
     the library's compact product (:func:`library_compact`) on the kept half of ``A`` already
     gathered (what the compact custom_vjp saves as its residual): the shifted ``dY`` over the kept
     tokens and one half GEMM (``even``) or, for the ``checkerboard``, the two quarters as one GEMM
-    batched over the two parities (``fst_jax._rotate``); the profile below splits the older form
-    (two quarter GEMMs interleaved along ``K``, still used where the token axis is not the
-    innermost free axis). *compact incl.
+    batched over the two parities (``fst_jax._rotate``; where the token axis is not the
+    innermost free axis the library runs two quarter GEMMs interleaved along ``K`` instead).
+    *compact incl.
     gather* also gathers the kept half of ``A`` from the full ``A`` inside the same jit (in
     training that gather happens in the forward pass, once per step). Ratios are
     ``dense time / other time``: above 1 means faster than dense.
 ``gemm_profile``
-    At the target shape (``T=8192, K=O=1024``, f32): the compact product split into its pieces
-    (the GEMMs alone on pre-shifted ``dY``, the ``dY`` shift/slice alone, the ``A`` gather alone),
-    to show where the time goes.
+    At the target shape (``T=8192, K=O=1024``, f32): the library's compact product split into its
+    pieces (the GEMMs alone on operands already laid out: for the checkerboard the one batched
+    ``dot_general`` before the interleave; the ``dY`` side alone: shift and selection of the
+    kept tokens; the ``A`` gather alone), to show where the time goes.
 ``train_step``
     One jitted training step (forward, backward, ``optax.adamw`` update; nothing donated) of each
     model: an MLP, a pre-LN transformer block and a GPT-style decoder (6 causal pre-LN blocks,
@@ -104,6 +105,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from tqdm import tqdm
 
 import fst_jax
@@ -254,10 +256,10 @@ def library_compact(plan: _dot.GemmPlan, a_shape: tuple[int, ...],
     """(gather, product): the kept half of ``A`` and ``dW`` from it, as the compact custom_vjp of
     ``sparsify`` computes them for ``plan``: the checkerboard through :mod:`fst_jax._rotate` (one
     GEMM batched over the two parities), ``"even"``/``"odd"`` as one half GEMM."""
-    if plan.rotating_compact:
+    if plan.pair_select:
         lay, pats = _dot._layout(plan, a_shape, w_shape), plan.compact_patterns
-        return (lambda a: _rotate.rotating_compact_parts(a, 0, lay, pats),
-                lambda parts, w, dy: _rotate.rotating_compact_grad_weight(
+        return (lambda a: _rotate.select_parts(a, 0, lay, pats),
+                lambda parts, w, dy: _rotate.parts_grad_weight(
                     parts, 0, dy, lay, weight_dtype=w.dtype, scale=plan.restore_scale, patterns=pats))
     return functools.partial(_dot._compact_parts, plan), functools.partial(_dot._compact_grad_weight, plan)
 
@@ -310,32 +312,48 @@ def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, ru
 
 def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
                  patterns: Sequence[str] = ("checkerboard", "even")) -> list[dict[str, Any]]:
-    """The compact grad-weight product at one shape (f32) split into its pieces, per pattern."""
+    """The library's compact grad-weight product at one shape (f32) split into its pieces, per
+    pattern: the GEMM(s) alone on operands already laid out, the ``dY`` side alone (shift and
+    selection of the kept tokens), the ``A`` gather alone, the whole product, and with the gather.
+
+    The checkerboard is profiled in the form the library runs (:func:`library_compact`: the
+    parities' quarters selected per token pair, one ``dot_general`` batched over the parities,
+    the two ``K/2`` halves interleaved into ``dW``), ``"even"``/``"odd"`` as one half GEMM."""
     a, w, dy = _gemm_inputs(t, k, o, jnp.float32)
     out = []
     for pattern in patterns:
         plan = matmul_plan(a, w, pattern, "compact")
-        phases = (0, 1) if pattern == "checkerboard" else (0,)
-        parts = jax.jit(functools.partial(_dot._compact_parts, plan))(a)
-        quarters = parts
+        gather, product = library_compact(plan, a.shape, w.shape)
+        parts = jax.block_until_ready(jax.jit(gather)(a))
+        if plan.pair_select:
+            lay, pats, s = _dot._layout(plan, a.shape, w.shape), plan.compact_patterns, plan.restore_scale
 
-        def shift(dy: jax.Array) -> Any:
-            return tuple(_dot._shifted_tokens(dy, 0, p, plan.restore_scale) for p in phases)
+            def dy_side(dy: jax.Array) -> Any:
+                return _rotate._kept_gradients(dy, lay, pats, jnp.int32(0), s)
 
-        shifted = jax.block_until_ready(jax.jit(shift)(dy))
+            def gemms(ps: jax.Array, ds: jax.Array) -> jax.Array:  # [κ, B, K/2, O]: not interleaved
+                return lax.dot_general(ps, ds, (((2,), (2,)), ((0, 1), (0, 1))))
+        else:
+            phase = int(pattern == "odd")
+
+            def dy_side(dy: jax.Array) -> Any:
+                return _dot._shifted_tokens(dy, 0, phase, plan.restore_scale)
+
+            def gemms(ps: tuple[jax.Array, ...], ds: jax.Array) -> jax.Array:
+                return ps[0].T @ ds
+
+        kept_dy = jax.block_until_ready(jax.jit(dy_side)(dy))
         fns = {
             "dense": functools.partial(jax.jit(lambda a, dy: a.T @ dy), a, dy),
-            "gemms_only": functools.partial(
-                jax.jit(lambda ps, ds: tuple(p.T @ ds[i] for i, p in enumerate(ps))), quarters, shifted),
-            "dy_shift_only": functools.partial(jax.jit(shift), dy),
-            "a_gather_only": functools.partial(jax.jit(functools.partial(_dot._compact_parts, plan)), a),
-            "compact": functools.partial(jax.jit(functools.partial(_dot._compact_grad_weight, plan)),
-                                         parts, w, dy),
-            "compact_gather": functools.partial(jax.jit(
-                lambda a, w, dy: _dot._compact_grad_weight(plan, _dot._compact_parts(plan, a), w, dy)), a, w, dy),
+            "gemms_only": functools.partial(jax.jit(gemms), parts, kept_dy),
+            "dy_shift_only": functools.partial(jax.jit(dy_side), dy),
+            "a_gather_only": functools.partial(jax.jit(gather), a),
+            "compact": functools.partial(jax.jit(product), parts, w, dy),
+            "compact_gather": functools.partial(jax.jit(lambda a, w, dy: product(gather(a), w, dy)), a, w, dy),
         }
         times = time_interleaved(fns, warmup, runs)
-        row: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": "float32", "pattern": pattern}
+        row: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": "float32", "pattern": pattern,
+                               "form": "batched over parities" if plan.pair_select else "one half GEMM"}
         row.update({name: _summary(ts) for name, ts in times.items()})
         out.append(row)
     return out
@@ -696,14 +714,14 @@ def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> st
     prow = []
     for r in profile:
         d = r["dense"]["median_s"]
-        prow.append([r["pattern"], *(f"{_ms(r[k]['median_s'])} ({d / r[k]['median_s']:.2f}x)"
+        prow.append([r["pattern"], r.get("form", ""), *(f"{_ms(r[k]['median_s'])} ({d / r[k]['median_s']:.2f}x)"
                                      for k in ("dense", "gemms_only", "dy_shift_only", "a_gather_only",
                                                "compact", "compact_gather"))])
     if profile:
         p0 = profile[0]
         out += (f"\n\nWhere the compact time goes (T={p0['T']}, K={p0['K']}, O={p0['O']}, f32; ms, and "
                 "dense/that):\n\n")
-        out += md_table(["pattern", "dense", "compact GEMMs only", "dY shift+slice only", "A gather only",
+        out += md_table(["pattern", "form", "dense", "compact GEMMs only", "dY side only", "A gather only",
                          "compact", "compact incl. gather"], prow)
     return out
 

@@ -204,7 +204,9 @@ class FSTConfig:
         token axis (:func:`fst_jax.mvue_2to4`; ``T % 4 == 0``), an unbiased estimate of ``dW``
         with no fixed token mask and no gradient shift (``pattern`` and ``restore_scale`` do not
         apply); random, so it needs ``fst_key`` like a rotating pattern (each layer draws its own
-        seed per call, and each iteration of a scan around it draws anew). It keeps the whole
+        seed per call, and each iteration of a scan around it draws anew; inside ``shard_map``
+        each shard draws from the key it is given: fold ``axis_index`` into it on a
+        data-parallel axis, ``docs/multi_device.md``). It keeps the whole
         activation for the backward pass and, on XLA, runs a dense GEMM on the sampled ``dY``
         (a GPU's 2:4 tensor cores would take ``dY`` as the sparse operand). Measured
         (``benchmarks/RESULTS.md``, 2026-11-30): on the character-level GPT (``python -m

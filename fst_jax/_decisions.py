@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fst_jax import _compat
 from fst_jax._analysis import Site, View
 from fst_jax._config import FSTConfig, Rule, pattern_set
-from fst_jax._dot import GemmPlan, cusparselt_ineligible, kernel_eligible
+from fst_jax._dot import GemmPlan, cusparselt_ineligible, kernel_eligible, typed_sharded
 
 
 class Reason(enum.Enum):
@@ -336,14 +336,15 @@ def _decide_weight(i: int, site: Site, side: int, path: str, base: FSTConfig, fi
     if not (fwd.sparse or gi.sparse or gw.sparse):
         return Decision(forward=fwd, grad_input=gi, grad_weight=gw, plan=None, **common)
     per_use = cfg.forward and cfg.sr_ste > 0 and not isinstance(w_val.view, View)
+    act_aval = site.eqn.invars[1 - side].aval
     plan = dataclasses.replace(
         geo.identity, forward=cfg.forward,
         grad_input=cfg.grad_input if gi.sparse else "dense",
         grad_weight=cfg.grad_weight if gw.sparse else "dense",
         pattern=cfg.pattern if rotating is None else "rotating", restore_scale=cfg.restore_scale,
         patterns=rotating if rotating is not None and gw.sparse and cfg.grad_weight == "fixed_mask" else (),
-        act_shape=tuple(site.eqn.invars[1 - side].aval.shape), sr_ste=cfg.sr_ste if per_use else 0.0,
-        mode=cfg.mode, backend=fwd_backend)
+        act_shape=tuple(act_aval.shape), sharded=typed_sharded(act_aval),
+        sr_ste=cfg.sr_ste if per_use else 0.0, mode=cfg.mode, backend=fwd_backend)
     if plan.grad_weight in ("fixed_mask", "mvue"):
         gw = dataclasses.replace(gw, **_grad_weight_runs(plan, backend, note))
     sr = "off" if not (cfg.forward and cfg.sr_ste > 0) else ("per use" if per_use else "parameter")
@@ -358,12 +359,16 @@ def _grad_weight_runs(plan: GemmPlan, backend: str, note: str) -> dict[str, Any]
     if plan.grad_weight == "mvue":
         why = note or "cusparselt: the token axis is not the activation's innermost free axis"
         return dict(how="masked (keeps the whole activation)", note=why if backend == "cusparselt" else "")
-    if plan.compact or plan.rotating_compact:
+    if plan.compact or plan.pair_select:
         return dict(how="compact", executed=0.5)
     if plan.mode == "masked":
         return dict(how="masked")
     if plan.rotating:
-        return dict(how="masked (convolution)" if plan.conv else "masked (token_axis not the innermost free axis)")
+        if plan.conv:
+            return dict(how="masked (convolution)")
+        if plan.sharded:
+            return dict(how="masked (explicit-sharding mesh: the activation's type is sharded)")
+        return dict(how="masked (token_axis not the innermost free axis)")
     return dict(how="masked (odd T)")
 
 

@@ -70,7 +70,8 @@ class GemmPlan:
     act_free: tuple[int, ...] = ()  # the activation's free axes (t among them), for p = b·T + t
     tokens: int = 0  # T: the token axis' length (conv: output positions per image)
     patterns: tuple[str, ...] = ()  # a rotating set: the grad-weight pattern is drawn per step
-    act_shape: tuple[int, ...] = ()  # the activation's shape (for the layout of rotating_compact)
+    act_shape: tuple[int, ...] = ()  # the activation's shape (for the layout of pair_select)
+    sharded: bool = False  # the activation's type carries an explicit-sharding mesh axis
 
     @property
     def rotating(self) -> bool:
@@ -85,15 +86,16 @@ class GemmPlan:
         return self.rotating or self.grad_weight == "mvue"
 
     @property
-    def rotating_compact(self) -> bool:
+    def pair_select(self) -> bool:
         """Whether the compact grad-weight product runs through :mod:`fst_jax._rotate` (the kept
         half as two quarters selected per token pair, one batched GEMM over the two parities): a
         rotating pattern, or the fixed checkerboard (its one pattern, a constant choice; except on
         the Pallas backend, whose kernel fuses the fixed pattern's shift), on a matmul whose token
-        axis is the activation's innermost free axis. Convolutions and other token axes run a
-        rotating pattern masked and the fixed checkerboard as two strided quarter GEMMs."""
+        axis is the activation's innermost free axis and whose activation type is not sharded
+        (:mod:`fst_jax._rotate`'s canonical reshapes need an unsharded type). Elsewhere a rotating
+        pattern runs masked and the fixed checkerboard as two strided quarter GEMMs."""
         innermost = (self.mode == "compact" and not self.conv and self.t_axis is not None
-                     and bool(self.act_free) and self.t_axis == self.act_free[-1])
+                     and bool(self.act_free) and self.t_axis == self.act_free[-1] and not self.sharded)
         return innermost and (self.rotating or (self.compact and self.pattern == "checkerboard"
                                                 and self.backend != "pallas"))
 
@@ -212,9 +214,10 @@ def _like_sharding(mask: jax.Array, like: jax.Array) -> jax.Array:
     return mask if jax.typeof(mask).sharding.spec == want else jax.sharding.reshard(mask, want)
 
 
-def _typed_sharded(x: jax.Array) -> bool:
-    """Whether ``x`` 's type carries a sharding (an explicit-sharding mesh axis on some dim)."""
-    return any(s is not None for s in jax.typeof(x).sharding.spec)
+def typed_sharded(aval: Any) -> bool:
+    """Whether a value's type (its aval: ``jax.typeof(x)``) carries a sharding (an
+    explicit-sharding mesh axis on some dim)."""
+    return any(s is not None for s in aval.sharding.spec)
 
 
 def _flat_token_index(shape: tuple[int, ...], t_axis: int, free: tuple[int, ...]) -> jax.Array:
@@ -717,10 +720,8 @@ def _fst_dot(act: jax.Array, w: jax.Array, w_f: jax.Array, keep_b: Any, choice: 
 
 
 def _fst_dot_fwd(act: jax.Array, w: jax.Array, w_f: jax.Array, keep_b: Any, choice: jax.Array, plan: GemmPlan):
-    # the fixed checkerboard under an explicit-sharding mesh keeps its strided quarters: the
-    # canonical [batch, N, K] reshapes of fst_jax._rotate need an unsharded activation type
-    if plan.rotating_compact and (plan.rotating or not _typed_sharded(act)):
-        saved = _rotate.rotating_compact_parts(act, choice if plan.rotating else 0,
+    if plan.pair_select:
+        saved = _rotate.select_parts(act, choice if plan.rotating else 0,
                                                _layout(plan, act.shape, w_f.shape), plan.compact_patterns)
     elif plan.compact:
         saved = _conv_saved(plan, act, w_f) if plan.conv else _compact_parts(plan, act)
@@ -738,11 +739,11 @@ def _fst_dot_bwd(plan: GemmPlan, res: tuple[Any, jax.Array, Any, jax.Array], dy:
     w_b = weight if keep_b is None else _masks.apply_mask(weight, keep_b)
     # The grad-input product is linear in the activation: its value only fixes the shape (and,
     # in shard_map, the varying axes), so the compact modes pass the masked one.
-    if plan.rotating_compact and not isinstance(saved, tuple):  # (the strided quarters are a tuple)
+    if plan.pair_select:
         lay = _layout(plan, plan.act_shape, weight.shape)
         choice = choice if plan.rotating else 0
-        act = _rotate.rotating_from_compact(saved, choice, lay, plan.compact_patterns)
-        d_w = _rotate.rotating_compact_grad_weight(
+        act = _rotate.from_parts(saved, choice, lay, plan.compact_patterns)
+        d_w = _rotate.parts_grad_weight(
             saved, choice, dy, lay, weight_dtype=weight.dtype, scale=plan.restore_scale,
             patterns=plan.compact_patterns,
             precision=plan.params.get("precision"), preferred_element_type=plan.params.get("preferred_element_type"))

@@ -1,4 +1,4 @@
-"""Compact grad-weight product for the rotating activation patterns, with a traced pattern choice.
+"""Compact grad-weight product by per-pair token selection (rotating patterns, the checkerboard).
 
 The grad-weight product of FST is ``dW = (M ⊙ A)ᵀ · dY'`` with ``dY'[t] = dY[t] + s·dY[t−1]``
 (:func:`fst_jax._masks.gradient_shift`) and ``M`` one of the half-token patterns of
@@ -15,7 +15,7 @@ an elementwise select between the even and the odd token of each pair with a *tr
 
 One compiled function serves every draw: the choice only moves a select, never a shape, and no
 ``lax.switch`` picks between GEMMs. The fixed checkerboard's compact product runs here too, as
-the one-pattern set with a constant choice (:attr:`fst_jax._dot.GemmPlan.rotating_compact`), so a
+the one-pattern set with a constant choice (:attr:`fst_jax._dot.GemmPlan.pair_select`), so a
 rotating pattern costs what the fixed checkerboard costs, whatever pattern is drawn.
 
 Layouts follow ``dot_general``: :func:`compact_layout` reads the activation's free, contracting and
@@ -46,9 +46,9 @@ from fst_jax import _masks
 __all__ = [
     "CompactLayout",
     "compact_layout",
-    "rotating_compact_grad_weight",
-    "rotating_compact_parts",
-    "rotating_from_compact",
+    "from_parts",
+    "parts_grad_weight",
+    "select_parts",
 ]
 
 
@@ -199,7 +199,7 @@ def _checked(fn: str, choice: int | jax.Array, patterns: Sequence[str]) -> tuple
     return choice, _masks._check_patterns(fn, patterns)
 
 
-def rotating_compact_parts(
+def select_parts(
     a: jax.Array,
     choice: int | jax.Array,
     layout: CompactLayout,
@@ -224,32 +224,32 @@ def rotating_compact_parts(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from fst_jax._rotate import compact_layout, rotating_compact_parts
+      >>> from fst_jax._rotate import compact_layout, select_parts
       >>> a = jnp.arange(16.0).reshape(8, 2)  # 8 tokens, K = 2
       >>> lay = compact_layout(a.shape, (2, 4), (((1,), (0,)), ((), ())), weight_side=1)
-      >>> print(rotating_compact_parts(a, 3, lay)[:, 0, :, 0])  # "checkerboard": κ=0 keeps even p
+      >>> print(select_parts(a, 3, lay)[:, 0, :, 0])  # "checkerboard": κ=0 keeps even p
       [[ 0.  4.  8. 12.]
        [ 3.  7. 11. 15.]]
     """
-    choice, patterns = _checked("rotating_compact_parts", choice, patterns)
+    choice, patterns = _checked("select_parts", choice, patterns)
     if tuple(a.shape) != layout.act_shape:
-        raise ValueError(f"rotating_compact_parts: a has shape {a.shape}, the layout {layout.act_shape}")
+        raise ValueError(f"select_parts: a has shape {a.shape}, the layout {layout.act_shape}")
     x = jnp.transpose(a, layout.act_perm).reshape(layout.batch, layout.num_tokens, layout.num_k)
     x = _pairs(x, layout.num_tokens)  # [B, J, 2, K]
     x = jnp.moveaxis(x.reshape(*x.shape[:3], layout.num_k // 2, 2), -1, 0)  # [κ, B, J, 2, K/2]
     return _kept(x, _phases(layout, patterns, choice))
 
 
-def rotating_from_compact(
+def from_parts(
     parts: jax.Array,
     choice: int | jax.Array,
     layout: CompactLayout,
     patterns: Sequence[str] = _masks.AUTHORS_PATTERNS,
 ) -> jax.Array:
-    """The masked activation ``M ⊙ A`` rebuilt from :func:`rotating_compact_parts` (zeros elsewhere).
+    """The masked activation ``M ⊙ A`` rebuilt from :func:`select_parts` (zeros elsewhere).
 
     Args:
-      parts: from :func:`rotating_compact_parts` with the same ``choice``, ``layout`` and
+      parts: from :func:`select_parts` with the same ``choice``, ``layout`` and
         ``patterns``.
       choice: the pattern index.
       layout: from :func:`compact_layout`.
@@ -260,15 +260,15 @@ def rotating_from_compact(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from fst_jax._rotate import compact_layout, rotating_compact_parts, rotating_from_compact
+      >>> from fst_jax._rotate import compact_layout, select_parts, from_parts
       >>> a = jnp.ones((3, 4))  # 3 tokens (odd), K = 4
       >>> lay = compact_layout(a.shape, (4, 4), (((1,), (0,)), ((), ())), weight_side=1)
-      >>> print(rotating_from_compact(rotating_compact_parts(a, 2, lay), 2, lay).astype(int))
+      >>> print(from_parts(select_parts(a, 2, lay), 2, lay).astype(int))
       [[0 1 0 1]
        [1 0 1 0]
        [0 1 0 1]]
     """
-    choice, patterns = _checked("rotating_from_compact", choice, patterns)
+    choice, patterns = _checked("from_parts", choice, patterns)
     zero = jnp.zeros((), parts.dtype)
     cols = []
     for part, odd in zip(parts, _phases(layout, patterns, choice)):  # [B, J, K/2], [1, J, 1]
@@ -310,7 +310,7 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
     return jnp.where(odd, odd_tok.reshape(half), even_tok.reshape(half))
 
 
-def rotating_compact_grad_weight(
+def parts_grad_weight(
     parts: jax.Array,
     choice: int | jax.Array,
     dy: jax.Array,
@@ -331,7 +331,7 @@ def rotating_compact_grad_weight(
     ``precision`` and ``preferred_element_type`` and the result is cast to ``weight_dtype``.
 
     Args:
-      parts: from :func:`rotating_compact_parts` (same ``choice``, ``layout``, ``patterns``).
+      parts: from :func:`select_parts` (same ``choice``, ``layout``, ``patterns``).
       choice: the pattern index.
       dy: the output gradient, in the ``dot_general``'s output layout.
       layout: from :func:`compact_layout`.
@@ -347,21 +347,21 @@ def rotating_compact_grad_weight(
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from fst_jax._masks import apply_mask, gradient_shift, rotating_token_mask
-      >>> from fst_jax._rotate import (compact_layout, rotating_compact_grad_weight,
-      ...                              rotating_compact_parts)
+      >>> from fst_jax._rotate import (compact_layout, parts_grad_weight,
+      ...                              select_parts)
       >>> a = jax.random.normal(jax.random.key(0), (2, 6, 8))  # [B, T, K]
       >>> dy = jax.random.normal(jax.random.key(1), (2, 6, 4))  # [B, T, O]
       >>> dn = (((2,), (0,)), ((), ()))
       >>> lay = compact_layout(a.shape, (8, 4), dn, weight_side=1)
       >>> choice = jnp.int32(0)  # "alternating"
-      >>> dw = rotating_compact_grad_weight(rotating_compact_parts(a, choice, lay), choice, dy,
+      >>> dw = parts_grad_weight(select_parts(a, choice, lay), choice, dy,
       ...                                   lay, weight_dtype=jnp.float32, scale=0.5)
       >>> m = rotating_token_mask(a.shape, token_axis=1, contracting_axes=(2,), choice=choice)
       >>> ref = jnp.einsum("btk,bto->ko", apply_mask(a, m), gradient_shift(dy, 1, 0.5))
       >>> bool(jnp.allclose(dw, ref, atol=1e-5))
       True
     """
-    choice, patterns = _checked("rotating_compact_grad_weight", choice, patterns)
+    choice, patterns = _checked("parts_grad_weight", choice, patterns)
     dys = _kept_gradients(dy, layout, patterns, choice, scale)  # [κ, B, J, O]
     dw = lax.dot_general(parts, dys, (((2,), (2,)), ((0, 1), (0, 1))), precision=precision,
                          preferred_element_type=preferred_element_type)  # [κ, B, K/2, O]

@@ -120,6 +120,33 @@ def test_sparsify_grad_weight_is_the_sample_of_dy_along_tokens():
     assert len({s.tobytes() for s in samples}) > 1  # different steps draw different samples
 
 
+def test_shard_map_shards_share_the_draw_unless_the_key_is_folded():
+    """Inside shard_map every shard draws from the same fst_key (safe where the data is
+    replicated); folding the shard's axis_index into the key gives independent samples."""
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    w, x, g = probe()
+    # both shards see the same data; each its own copy of w, so that its gradient is not psum'd
+    ws, xs, gs = jnp.stack([w, w]), jnp.concatenate([x, x]), jnp.concatenate([g, g])
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    grad = jax.grad(fst_jax.sparsify(probe_loss, MVUE))
+
+    def per_shard(fold):
+        def body(w, x, g):
+            key = jax.random.key(7)
+            return grad(w[0], x, g, fst_key=jax.random.fold_in(key, lax.axis_index("d")) if fold else key)[None]
+        spec = P("d")
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec))(ws, xs, gs)
+
+    same, folded = np.asarray(per_shard(False)), np.asarray(per_shard(True))
+    np.testing.assert_array_equal(same[0], same[1])
+    np.testing.assert_allclose(same[0], grad(w, x, g, fst_key=jax.random.key(7)), rtol=1e-6)
+    assert (folded[0] != folded[1]).any()
+    for dw in folded:
+        assert ((dw.T != 0).reshape(O, T // 4, 4).sum(-1) == 2).all()
+
+
 def test_sparsify_mvue_is_unbiased_and_forward_unaffected():
     w, x, g = probe()
     x = jax.random.normal(jax.random.key(2), (2, T, T))

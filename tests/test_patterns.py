@@ -22,9 +22,9 @@ from fst_jax._masks import (
 )
 from fst_jax._rotate import (
     compact_layout,
-    rotating_compact_grad_weight,
-    rotating_compact_parts,
-    rotating_from_compact,
+    parts_grad_weight,
+    select_parts,
+    from_parts,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -274,11 +274,11 @@ def test_compact_equals_masked_reference_for_every_draw(name, scale):
 
     @jax.jit
     def compact(a, dy, c):
-        parts = rotating_compact_parts(a, c, lay, TOKEN_PATTERNS)
-        dw = rotating_compact_grad_weight(parts, c, dy, lay, weight_dtype=jnp.float32, scale=scale,
+        parts = select_parts(a, c, lay, TOKEN_PATTERNS)
+        dw = parts_grad_weight(parts, c, dy, lay, weight_dtype=jnp.float32, scale=scale,
                                           patterns=TOKEN_PATTERNS,
                                           precision=jax.lax.Precision.HIGHEST)
-        return parts, rotating_from_compact(parts, c, lay, TOKEN_PATTERNS), dw
+        return parts, from_parts(parts, c, lay, TOKEN_PATTERNS), dw
 
     for c, pat in enumerate(TOKEN_PATTERNS):
         keep = ref_mask(a_shape, t, k_axes, b_axes, pat)
@@ -296,9 +296,9 @@ def test_compact_keeps_dtypes_and_precision_settings():
     a_shape, w_shape, dn, side = LAYOUTS["3d"]
     a, dy = operands(LAYOUTS["3d"], dtype=jnp.bfloat16)
     lay = compact_layout(a_shape, w_shape, dn, side)
-    parts = rotating_compact_parts(a, 1, lay)
+    parts = select_parts(a, 1, lay)
     assert parts.dtype == jnp.bfloat16 and parts.size * 2 == a.size
-    dw = rotating_compact_grad_weight(parts, 1, dy, lay, weight_dtype=jnp.bfloat16, scale=0.03,
+    dw = parts_grad_weight(parts, 1, dy, lay, weight_dtype=jnp.bfloat16, scale=0.03,
                                       preferred_element_type=jnp.float32)
     assert dw.dtype == jnp.bfloat16
     keep = ref_mask(a_shape, 1, (2,), (), "odd")
@@ -313,7 +313,7 @@ def test_compact_has_no_branches_over_gemms():
     a, dy = operands(LAYOUTS["3d"])
 
     def step(a, dy, c):
-        return rotating_compact_grad_weight(rotating_compact_parts(a, c, lay), c, dy, lay,
+        return parts_grad_weight(select_parts(a, c, lay), c, dy, lay,
                                             weight_dtype=jnp.float32, scale=0.03)
 
     jaxpr = str(jax.make_jaxpr(step)(a, dy, jnp.int32(0)))
@@ -333,8 +333,8 @@ def test_same_step_same_gradient_different_steps_differ():
         dws = []
         for layer in range(2):
             c = draw_pattern(step, layer, len(AUTHORS_PATTERNS))
-            parts = rotating_compact_parts(a, c, lay)
-            dws.append(rotating_compact_grad_weight(parts, c, dy, lay, weight_dtype=jnp.float32,
+            parts = select_parts(a, c, lay)
+            dws.append(parts_grad_weight(parts, c, dy, lay, weight_dtype=jnp.float32,
                                                     scale=0.03))
         return jnp.stack(dws)
 
@@ -355,7 +355,7 @@ def test_compact_under_vmap_over_keys():
 
     def grad_w(step):
         c = draw_pattern(step, 0, 4)
-        return rotating_compact_grad_weight(rotating_compact_parts(a, c, lay), c, dy, lay,
+        return parts_grad_weight(select_parts(a, c, lay), c, dy, lay,
                                             weight_dtype=jnp.float32, scale=0.5)
 
     steps = jnp.arange(6)
@@ -381,7 +381,7 @@ def test_other_pattern_sets(patterns):
     lay = compact_layout(a_shape, w_shape, dn, side)
     a, dy = operands(layout)
     for c, pat in enumerate(patterns):
-        dw = rotating_compact_grad_weight(rotating_compact_parts(a, c, lay, patterns), c, dy, lay,
+        dw = parts_grad_weight(select_parts(a, c, lay, patterns), c, dy, lay,
                                           weight_dtype=jnp.float32, scale=1.0, patterns=patterns,
                                           precision="highest")
         keep = ref_mask(a_shape, 1, (2,), (), pat)
@@ -400,11 +400,11 @@ def test_wiring_into_a_custom_vjp_with_a_traced_step():
         return jax.lax.dot_general(a, w, dn)
 
     def fwd(a, w, choice):
-        return matmul(a, w, choice), (rotating_compact_parts(a, choice, lay), w, choice)
+        return matmul(a, w, choice), (select_parts(a, choice, lay), w, choice)
 
     def bwd(res, dy):
         parts, w, choice = res
-        d_w = rotating_compact_grad_weight(parts, choice, dy, lay, weight_dtype=w.dtype, scale=0.03)
+        d_w = parts_grad_weight(parts, choice, dy, lay, weight_dtype=w.dtype, scale=0.03)
         d_a = jnp.einsum("bto,ko->btk", dy, w)
         return d_a, d_w, None
 

@@ -411,6 +411,26 @@ def test_rotating_inside_shard_map_is_per_local_block():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_rotating_compact_under_an_explicit_sharding_mesh_runs_masked():
+    """A sharded activation type cannot take _rotate's canonical reshapes: the product runs masked,
+    with the same gradient, and the report says why."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    cfg = ROT.replace(mode="compact", restore_scale=0.5)
+    loss = lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)  # noqa: E731
+    w, x = jax.random.normal(jax.random.key(0), (K, K)), jax.random.normal(jax.random.key(1), (B, T, K))
+    want = jax.grad(fst_jax.sparsify(loss, cfg))(w, x, fst_key=3)
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("d")))
+        got = jax.jit(jax.grad(fst_jax.sparsify(loss, cfg)))(w, xs, fst_key=3)
+        rows = fst_jax.report(loss, cfg)(w, xs).rows
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert "masked (explicit-sharding mesh" in rows[0].grad_weight
+    assert fst_jax.report(loss, cfg)(w, x).rows[0].grad_weight.endswith("compact)")
+
+
 @pytest.mark.parametrize("pattern", ["rotating", "even,odd"])
 def test_main_job_trains_with_a_rotating_pattern(tmp_path, pattern):
     import json
