@@ -355,6 +355,7 @@ def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
         row: dict[str, Any] = {"T": t, "K": k, "O": o, "dtype": "float32", "pattern": pattern,
                                "form": "batched over parities" if plan.pair_select else "one half GEMM"}
         row.update({name: _summary(ts) for name, ts in times.items()})
+        row["faults_per_call"] = {name: minor_faults_per_call(fns[name]) for name in ("dense", "dy_shift_only", "compact")}
         out.append(row)
     return out
 
@@ -714,15 +715,21 @@ def gemm_tables(gemm: list[dict[str, Any]], profile: list[dict[str, Any]]) -> st
     prow = []
     for r in profile:
         d = r["dense"]["median_s"]
+        faults = r.get("faults_per_call", {})
         prow.append([r["pattern"], r.get("form", ""), *(f"{_ms(r[k]['median_s'])} ({d / r[k]['median_s']:.2f}x)"
                                      for k in ("dense", "gemms_only", "dy_shift_only", "a_gather_only",
-                                               "compact", "compact_gather"))])
+                                               "compact", "compact_gather")),
+                     " / ".join(f"{faults[k]:.0f}" for k in ("dense", "dy_shift_only", "compact")) if faults else "-"])
     if profile:
         p0 = profile[0]
         out += (f"\n\nWhere the compact time goes (T={p0['T']}, K={p0['K']}, O={p0['O']}, f32; ms, and "
                 "dense/that):\n\n")
         out += md_table(["pattern", "form", "dense", "compact GEMMs only", "dY side only", "A gather only",
-                         "compact", "compact incl. gather"], prow)
+                         "compact", "compact incl. gather", "page faults / call: dense / dY side / compact"], prow)
+        out += ("\n\nPage faults: minor faults of the process per call (Linux). With glibc's default "
+                "allocator every block of 32 MiB or more is a fresh `mmap`, so each page XLA:CPU touches in "
+                "such a temp buffer faults once per call; `--malloc-cache` (a reused heap, like a GPU's "
+                "caching allocator) removes them.")
     return out
 
 
