@@ -329,7 +329,7 @@ def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
             lay, pats, s = _dot._layout(plan, a.shape, w.shape), plan.compact_patterns, plan.restore_scale
 
             def dy_side(dy: jax.Array) -> Any:
-                return _rotate._kept_gradients(dy, lay, pats, jnp.int32(0), s)
+                return _rotate._kept_gradients(dy, lay, pats, 0, s)
 
             def gemms(ps: jax.Array, ds: jax.Array) -> jax.Array:  # [κ, B, K/2, O]: not interleaved
                 return lax.dot_general(ps, ds, (((2,), (2,)), ((0, 1), (0, 1))))
@@ -1029,38 +1029,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n\n".join([
         *([f"### grad-weight GEMM dW = Aᵀ·dY (median of {gemm_runs} runs; restore_scale=0.03)",
            gemm_tables(gemm, profile)] if gemm else []),
-        f"### Training step (adamw; median of {runs} interleaved runs after {warmup} warm-up)",
-        f"Models: {model_desc}. FST: `FSTConfig(mode=..., skip_first=False, skip_last=False)`: every "
-        "weight matmul is sparse, the first and last included; pattern checkerboard except in the "
-        "`even` columns (`pattern=\"even\"`); *default config*: `FSTConfig()` (compact, checkerboard, "
-        "first and last weight matmul dense). *paired*: median over the runs of dense time / compact "
-        "time of the same repetition.",
-        tables["train_step"],
-        "#### Keyed variants: rotating patterns and the mvue grad-weight (issue 14)",
-        "The benchmark config with `pattern=\"rotating\"` (the authors' four patterns, compact: one "
-        "compiled step for every draw) and with `grad_weight=\"mvue\"` (keeps the whole activation; a "
-        "dense GEMM on the sampled dY on XLA), each step taking the step number as a traced `fst_key`, "
-        "in the same rotation. *rotating / fixed*: median over the runs of rotating time / compact "
-        "time of the same repetition.",
-        tables["keyed"],
-        "### Memory (residuals of jit(jax.vjp) on the real shapes; compiled temp of the training step)",
-        "*floor*: the residuals of the same model when every sparse weight matmul keeps only the kept "
-        "half of its activation, once per distinct activation, and nothing else (benchmarks/overhead.py); "
-        "*floor_default*: the same with the first and last weight matmul dense (the default config). "
-        "*residual / floor*: compact against *floor*, default config against *floor_default*.",
-        tables["memory"],
-        f"### Trace+lower and compile time of the training step (best of {compile_reps}, fresh functions)",
-        tables["compile"],
-        "### Matmul FLOPs per training step (fst_jax.report)",
-        tables["flops"],
-        "### GPU proxy: FST's own bytes per step as a share of an H200 step",
-        "H200: 4.3 TB/s device copy (read + write), 790 TFLOP/s bf16 dense. Share = FST extra bytes / "
-        "4.3 TB/s ÷ (dense GEMM FLOPs / 790 TFLOP/s + dense other bytes / 4.3 TB/s), the dense other bytes "
-        "those of the compiled step for both bounds. *HLO*: non-GEMM "
-        "bytes of the step, FST minus dense (fused: the compiled CPU module, each instruction one pass; "
-        "unfused: the unoptimized module, every op one pass). *analytic*: the recipe's passes per sparse "
-        "matmul (benchmarks/overhead.py, `analytic_extra_bytes`). Bytes at each model's own dtypes.",
-        tables["proxy"],
+        *([
+            f"### Training step (adamw; median of {runs} interleaved runs after {warmup} warm-up)",
+            f"Models: {model_desc}. FST: `FSTConfig(mode=..., skip_first=False, skip_last=False)`: every "
+            "weight matmul is sparse, the first and last included; pattern checkerboard except in the "
+            "`even` columns (`pattern=\"even\"`); *default config*: `FSTConfig()` (compact, checkerboard, "
+            "first and last weight matmul dense). *paired*: median over the runs of dense time / compact "
+            "time of the same repetition.",
+            tables["train_step"],
+            "#### Keyed variants: rotating patterns and the mvue grad-weight (issue 14)",
+            "The benchmark config with `pattern=\"rotating\"` (the authors' four patterns, compact: one "
+            "compiled step for every draw) and with `grad_weight=\"mvue\"` (keeps the whole activation; a "
+            "dense GEMM on the sampled dY on XLA), each step taking the step number as a traced `fst_key`, "
+            "in the same rotation. *rotating / fixed*: median over the runs of rotating time / compact "
+            "time of the same repetition.",
+            tables["keyed"],
+            "### Memory (residuals of jit(jax.vjp) on the real shapes; compiled temp of the training step)",
+            "*floor*: the residuals of the same model when every sparse weight matmul keeps only the kept "
+            "half of its activation, once per distinct activation, and nothing else (benchmarks/overhead.py); "
+            "*floor_default*: the same with the first and last weight matmul dense (the default config). "
+            "*residual / floor*: compact against *floor*, default config against *floor_default*.",
+            tables["memory"],
+            f"### Trace+lower and compile time of the training step (best of {compile_reps}, fresh functions)",
+            tables["compile"],
+            "### Matmul FLOPs per training step (fst_jax.report)",
+            tables["flops"],
+            "### GPU proxy: FST's own bytes per step as a share of an H200 step",
+            "H200: 4.3 TB/s device copy (read + write), 790 TFLOP/s bf16 dense. Share = FST extra bytes / "
+            "4.3 TB/s ÷ (dense GEMM FLOPs / 790 TFLOP/s + dense other bytes / 4.3 TB/s), the dense other bytes "
+            "those of the compiled step for both bounds. *HLO*: non-GEMM "
+            "bytes of the step, FST minus dense (fused: the compiled CPU module, each instruction one pass; "
+            "unfused: the unoptimized module, every op one pass). *analytic*: the recipe's passes per sparse "
+            "matmul (benchmarks/overhead.py, `analytic_extra_bytes`). Bytes at each model's own dtypes.",
+            tables["proxy"],
+        ] if model_results else []),
         *(["### Data-parallel training over 2 processes (benchmarks/multiprocess.py)", mp_text] if mp_text else []),
         "### Targets",
         summary,

@@ -172,17 +172,35 @@ def _pairs(x: jax.Array, n: int) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2])
 
 
-def _phases(layout: CompactLayout, patterns: Sequence[str], choice: jax.Array) -> jax.Array:
-    """A bool ``[2, 1, ceil(N/2), 1]``: for row parity κ, true where pair ``j`` keeps its odd token."""
+def _phases(layout: CompactLayout, patterns: Sequence[str], choice: int | jax.Array) -> Any:
+    """A bool ``[2, 1, ceil(N/2), 1]``: for row parity κ, true where pair ``j`` keeps its odd token.
+
+    A numpy array when ``choice`` is a Python int (the fixed checkerboard's constant choice): no
+    traced ops, and :func:`_uniform` can turn the selects into plain slices."""
     table = layout.phase_table(patterns)
-    g_odd = (jnp.arange(layout.num_pairs, dtype=jnp.int32) // 2) % 2 == 1
-    return jnp.stack([_masks._phase_of(table, choice, jnp.bool_(kappa), g_odd)[None, :, None] == 1
+    g_odd = (np.arange(layout.num_pairs) // 2) % 2 == 1
+    if isinstance(choice, int):
+        return np.stack([table[choice, kappa][g_odd.astype(int)][None, :, None] == 1 for kappa in (0, 1)])
+    return jnp.stack([_masks._phase_of(table, choice, jnp.bool_(kappa), jnp.asarray(g_odd))[None, :, None] == 1
                       for kappa in (0, 1)])
 
 
-def _kept(pairs: jax.Array, odd: jax.Array) -> jax.Array:
+def _uniform(odd: Any) -> tuple[int, int] | None:
+    """The kept token of every pair, per row parity κ, when :func:`_phases` is static and the same
+    for every pair (the fixed checkerboard: (0, 1)); else None."""
+    if not isinstance(odd, np.ndarray) or not all((o == o.flat[0]).all() for o in odd):
+        return None
+    return int(odd[0].flat[0]), int(odd[1].flat[0])
+
+
+def _kept(pairs: jax.Array, odd: Any, per_kappa: bool = False) -> jax.Array:
     """The kept token of each pair: ``pairs`` ``[..., J, 2, C]`` (its leading axes broadcast
-    against ``odd``, from :func:`_phases`) → ``[2, ..., J, C]``, one per row parity κ."""
+    against ``odd``, from :func:`_phases`; ``per_kappa``: its leading axis is already κ) →
+    ``[2, ..., J, C]``, one per row parity κ."""
+    uniform = _uniform(odd)
+    if uniform is not None:
+        return jnp.stack([(pairs[kappa] if per_kappa else pairs)[..., phase, :]
+                          for kappa, phase in enumerate(uniform)])
     return jnp.where(odd, pairs[..., 1, :], pairs[..., 0, :])
 
 
@@ -191,12 +209,18 @@ def _uncanonical(x: jax.Array, shape: tuple[int, ...], perm: tuple[int, ...]) ->
     return jnp.transpose(x.reshape(tuple(shape[a] for a in perm)), np.argsort(perm))
 
 
-def _checked(fn: str, choice: int | jax.Array, patterns: Sequence[str]) -> tuple[jax.Array, tuple[str, ...]]:
-    """``choice`` as an int32 scalar and ``patterns`` validated, or a ``ValueError`` naming ``fn``."""
+def _checked(fn: str, choice: int | jax.Array, patterns: Sequence[str]) -> tuple[Any, tuple[str, ...]]:
+    """``choice`` (a Python int stays one: static; else an int32 scalar array) and ``patterns``
+    validated, or a ``ValueError`` naming ``fn``."""
+    patterns = _masks._check_patterns(fn, patterns)
+    if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
+        if not 0 <= choice < len(patterns):
+            raise ValueError(f"{fn}: choice={int(choice)} is out of range for {len(patterns)} patterns")
+        return int(choice), patterns
     choice = jnp.asarray(choice, jnp.int32)
     if choice.shape != ():
         raise ValueError(f"{fn}: choice must be a scalar, got shape {choice.shape}")
-    return choice, _masks._check_patterns(fn, patterns)
+    return choice, patterns
 
 
 def select_parts(
@@ -237,7 +261,7 @@ def select_parts(
     x = jnp.transpose(a, layout.act_perm).reshape(layout.batch, layout.num_tokens, layout.num_k)
     x = _pairs(x, layout.num_tokens)  # [B, J, 2, K]
     x = jnp.moveaxis(x.reshape(*x.shape[:3], layout.num_k // 2, 2), -1, 0)  # [κ, B, J, 2, K/2]
-    return _kept(x, _phases(layout, patterns, choice))
+    return _kept(x, _phases(layout, patterns, choice), per_kappa=True)
 
 
 def from_parts(
@@ -270,9 +294,15 @@ def from_parts(
     """
     choice, patterns = _checked("from_parts", choice, patterns)
     zero = jnp.zeros((), parts.dtype)
+    phases = _phases(layout, patterns, choice)
+    uniform = _uniform(phases)
     cols = []
-    for part, odd in zip(parts, _phases(layout, patterns, choice)):  # [B, J, K/2], [1, J, 1]
-        cols.append(jnp.stack([jnp.where(odd, zero, part), jnp.where(odd, part, zero)], axis=2))
+    for kappa, (part, odd) in enumerate(zip(parts, phases)):  # [B, J, K/2], [1, J, 1]
+        if uniform is not None:  # a static phase: the kept token and a zero, no select
+            pair = [part, jnp.zeros_like(part)]
+            cols.append(jnp.stack(pair[::-1] if uniform[kappa] else pair, axis=2))
+        else:
+            cols.append(jnp.stack([jnp.where(odd, zero, part), jnp.where(odd, part, zero)], axis=2))
     x = jnp.stack(cols, axis=-1)  # [B, J, 2, K/2, κ]
     x = x.reshape(layout.batch, 2 * layout.num_pairs, layout.num_k)[:, : layout.num_tokens]
     return _uncanonical(x, layout.act_shape, layout.act_perm)
@@ -307,6 +337,9 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
             (odd_tok.astype(wide) + scale * even_tok.astype(wide)).astype(dy.dtype),
         )
     half = (layout.batch, layout.num_pairs, layout.num_o)  # not stacked into pairs for _kept: a copy
+    uniform = _uniform(odd)
+    if uniform is not None:
+        return jnp.stack([(odd_tok if phase else even_tok).reshape(half) for phase in uniform])
     return jnp.where(odd, odd_tok.reshape(half), even_tok.reshape(half))
 
 
