@@ -12,6 +12,12 @@ rounds of dense time / variant time of the same round (robust to a load that dri
 run). Variants: the benchmark config (every weight matmul sparse, compact) with the default
 checkerboard, with ``pattern="even"``, and with a one-pattern rotating set ``("checkerboard",)``
 (the keyed path with a traced ``fst_key``).
+
+*grad-weight GEMMs*: the dense grad-weight products of every weight matmul of the model (shapes
+and dtypes recorded by :class:`benchmarks.overhead.DotHook`), alone in one jit, timed in the same
+rotation. Their share ``S`` of the dense step bounds what a compact grad-weight product at exactly
+half the time can give: the *ceiling* ``1 / (1 − S/2)``, printed below the table (on XLA the
+forward and grad-input products of a 2:4 weight cost what dense ones cost).
 """
 
 from __future__ import annotations
@@ -21,18 +27,44 @@ import functools
 import os
 import statistics
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 import fst_jax
 from benchmarks import overhead, run
 
 
+def grad_weight_gemms(calls: list[overhead.MatmulShape]) -> tuple[Any, tuple[Any, ...]]:
+    """``(fn, args)``: the dense grad-weight product ``dW`` of every recorded weight matmul, in one
+    function (``jax.jit(fn)(*args)``), on random operands of the recorded shapes and dtypes."""
+    args, dims = [], []
+    for i, c in enumerate(calls):
+        dn = ((c.lhs_contract, c.rhs_contract), ((), ()))
+        ka, kd = jax.random.split(jax.random.key(i))
+        out = jax.eval_shape(lambda a, w, dn=dn: lax.dot_general(a, w, dn), jax.ShapeDtypeStruct(c.lhs_shape, c.lhs_dtype),
+                             jax.ShapeDtypeStruct(c.rhs_shape, c.rhs_dtype))
+        args += [jax.random.normal(ka, c.lhs_shape, c.lhs_dtype), jnp.zeros(c.rhs_shape, c.rhs_dtype),
+                 jax.random.normal(kd, out.shape, out.dtype)]
+        dims.append(dn)
+
+    def fn(*flat: jax.Array) -> list[jax.Array]:
+        grads = []
+        for j, dn in enumerate(dims):
+            a, w, dy = flat[3 * j: 3 * j + 3]
+            grads.append(jax.vjp(lambda w, a=a, dn=dn: lax.dot_general(a, w, dn), w)[1](dy)[0])
+        return grads
+    return fn, tuple(args)
+
+
 def step_ratios(name: str, case: dict, warmup: int, runs: int) -> dict[str, tuple[float, float]]:
-    """``{variant: (median seconds, paired dense / variant)}`` for one model."""
-    module = case["module"](dot_general=overhead.DotHook())
+    """``{variant: (median seconds, paired dense / variant)}`` for one model, and for the dense
+    grad-weight GEMMs (``"grad-weight GEMMs"``)."""
+    hook = overhead.DotHook()
+    module = case["module"](dot_general=hook)
     kp, kx = jax.random.split(jax.random.key(1))
     x = run.make_input(case, kx)
     params = module.init(kp, x)["params"]
@@ -42,7 +74,11 @@ def step_ratios(name: str, case: dict, warmup: int, runs: int) -> dict[str, tupl
     base = run.fst_config("compact")
     configs = {"checkerboard": base, "even": base.replace(pattern="even"),
                "rotating(checkerboard)": base.replace(pattern=("checkerboard",))}
-    calls = {"dense": functools.partial(jax.jit(run.make_step(loss, opt)), params, state, x)}
+    hook.reset()
+    jax.eval_shape(loss, params, x)
+    gw_fn, gw_args = grad_weight_gemms(hook.calls)
+    calls = {"dense": functools.partial(jax.jit(run.make_step(loss, opt)), params, state, x),
+             "grad-weight GEMMs": functools.partial(jax.jit(gw_fn), *gw_args)}
     for label, cfg in configs.items():
         keyed = cfg.needs_fst_key
         step = jax.jit(run.make_step(fst_jax.sparsify(loss, cfg), opt, keyed=keyed))
@@ -62,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
     print("| model | variant | median ms | dense / variant (paired) |\n|---|---|---|---|")
+    ceilings = []
     for name, case in run.model_cases(args.quick, args.models).items():
-        for variant, (sec, ratio) in step_ratios(name, case, args.warmup, args.runs).items():
+        out = step_ratios(name, case, args.warmup, args.runs)
+        for variant, (sec, ratio) in out.items():
             print(f"| {name} | {variant} | {sec * 1e3:.1f} | {ratio:.3f} |", flush=True)
+        share = out["grad-weight GEMMs"][0] / out["dense"][0]
+        ceilings.append(f"{name}: grad-weight GEMMs {share:.1%} of the dense step, ceiling "
+                        f"{1 / (1 - share / 2):.3f}")
+    print("\nCeiling at exactly half the grad-weight GEMM time (1 / (1 − share/2)):\n" + "\n".join(ceilings))
     print(f"\nload average at the end {os.getloadavg()}")
     return 0
 

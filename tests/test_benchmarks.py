@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import run
@@ -85,6 +86,23 @@ def test_step_ratio_times_every_variant(capsys: pytest.CaptureFixture[str]) -> N
     from benchmarks import step_ratio
 
     assert step_ratio.main(["--quick", "--models", "mlp", "--runs", "2", "--warmup", "1"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp |")]
-    assert [r[2].strip() for r in rows] == ["dense", "checkerboard", "even", "rotating(checkerboard)"]
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| mlp |")]
+    assert [r[2].strip() for r in rows] == ["dense", "grad-weight GEMMs", "checkerboard", "even",
+                                            "rotating(checkerboard)"]
     assert all(float(r[4]) > 0 for r in rows)
+    ceiling = next(line for line in out.splitlines() if line.startswith("mlp: grad-weight GEMMs"))
+    assert 1.0 < float(ceiling.rsplit(" ", 1)[1]) <= 2.0
+
+
+def test_grad_weight_gemms_are_the_weight_gradients() -> None:
+    """The ceiling's GEMMs compute dW = Aᵀ·dY of each recorded matmul."""
+    from benchmarks import overhead, step_ratio
+
+    calls = [overhead.MatmulShape((6, 4), (4, 3), "float32", "float32", "float32", (1,), (0,)),
+             overhead.MatmulShape((2, 5, 8), (8, 4), "float32", "float32", "float32", (2,), (0,))]
+    fn, args = step_ratio.grad_weight_gemms(calls)
+    for j, dw in enumerate(fn(*args)):
+        a, _, dy = args[3 * j: 3 * j + 3]
+        want = a.reshape(-1, a.shape[-1]).T @ dy.reshape(-1, dy.shape[-1])
+        np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
