@@ -636,16 +636,35 @@ def rotating_token_mask(
     shape = tuple(operator.index(d) for d in shape)
     _, k_axes, _, free = _free_axes("rotating_token_mask", len(shape), token_axis,
                                     contracting_axes, batch_axes)
-    if isinstance(choice, (int, np.integer)) or (isinstance(choice, np.ndarray) and choice.ndim == 0):
-        if not 0 <= int(choice) < len(patterns):
-            raise ValueError(
-                f"rotating_token_mask: choice={int(choice)} is out of range for {len(patterns)} "
-                "patterns"
-            )
+    choice = _check_choice("rotating_token_mask", choice, len(patterns))
+    return _rotating_token_mask(shape, free, k_axes, patterns, jnp.asarray(choice, jnp.int32))
+
+
+def _check_choice(fn: str, choice: int | jax.Array, num_patterns: int) -> int | jax.Array:
+    """A pattern index validated for a set of ``num_patterns``, or a ``ValueError`` naming ``fn``.
+
+    A Python or NumPy integer (or 0-d NumPy array) is static: it must be in range and comes back
+    as a Python ``int``. Anything else is a JAX value (traced or not): it must be a scalar and comes
+    back as an int32 scalar array (out-of-range values are clamped where it is used).
+
+    Example:
+      >>> from fst_jax._masks import _check_choice
+      >>> _check_choice("f", 2, num_patterns=4)
+      2
+      >>> _check_choice("f", 4, num_patterns=4)
+      Traceback (most recent call last):
+        ...
+      ValueError: f: choice=4 is out of range for 4 patterns
+    """
+    static = isinstance(choice, (int, np.integer)) or (isinstance(choice, np.ndarray) and choice.ndim == 0)
+    if static and not isinstance(choice, bool):
+        if not 0 <= int(choice) < num_patterns:
+            raise ValueError(f"{fn}: choice={int(choice)} is out of range for {num_patterns} patterns")
+        return int(choice)
     choice = jnp.asarray(choice, jnp.int32)
     if choice.shape != ():
-        raise ValueError(f"rotating_token_mask: choice must be a scalar, got shape {choice.shape}")
-    return _rotating_token_mask(shape, free, k_axes, patterns, choice)
+        raise ValueError(f"{fn}: choice must be a scalar, got shape {choice.shape}")
+    return choice
 
 
 def _phase_of(table: np.ndarray, choice: jax.Array, k_odd: jax.Array, g_odd: jax.Array) -> jax.Array:

@@ -193,15 +193,22 @@ def _uniform(odd: Any) -> tuple[int, int] | None:
     return int(odd[0].flat[0]), int(odd[1].flat[0])
 
 
-def _kept(pairs: jax.Array, odd: Any, per_kappa: bool = False) -> jax.Array:
-    """The kept token of each pair: ``pairs`` ``[..., J, 2, C]`` (its leading axes broadcast
-    against ``odd``, from :func:`_phases`; ``per_kappa``: its leading axis is already κ) →
-    ``[2, ..., J, C]``, one per row parity κ."""
+def _pick(odd: Any, even_tok: jax.Array, odd_tok: jax.Array) -> jax.Array:
+    """Per row parity κ, ``odd_tok`` where pair ``j`` keeps its odd token, else ``even_tok``.
+
+    ``even_tok`` and ``odd_tok`` are ``[2, ..., J, C]`` (one per κ; leading axes broadcast against
+    ``odd``, from :func:`_phases`), and so is the result. The one place that chooses the form: a
+    static phase that is the same for every pair (the fixed checkerboard) is a slice, anything else
+    an elementwise select."""
     uniform = _uniform(odd)
-    if uniform is not None:
-        return jnp.stack([(pairs[kappa] if per_kappa else pairs)[..., phase, :]
-                          for kappa, phase in enumerate(uniform)])
-    return jnp.where(odd, pairs[..., 1, :], pairs[..., 0, :])
+    if uniform is None:
+        return jnp.where(odd, odd_tok, even_tok)
+    return jnp.stack([(odd_tok if phase else even_tok)[kappa] for kappa, phase in enumerate(uniform)])
+
+
+def _per_kappa(x: jax.Array) -> jax.Array:
+    """``x`` seen once per row parity κ: ``[2, *x.shape]`` (a broadcast, no copy)."""
+    return jnp.broadcast_to(x, (2, *x.shape))
 
 
 def _uncanonical(x: jax.Array, shape: tuple[int, ...], perm: tuple[int, ...]) -> jax.Array:
@@ -213,14 +220,7 @@ def _checked(fn: str, choice: int | jax.Array, patterns: Sequence[str]) -> tuple
     """``choice`` (a Python int stays one: static; else an int32 scalar array) and ``patterns``
     validated, or a ``ValueError`` naming ``fn``."""
     patterns = _masks._check_patterns(fn, patterns)
-    if isinstance(choice, (int, np.integer)) and not isinstance(choice, bool):
-        if not 0 <= choice < len(patterns):
-            raise ValueError(f"{fn}: choice={int(choice)} is out of range for {len(patterns)} patterns")
-        return int(choice), patterns
-    choice = jnp.asarray(choice, jnp.int32)
-    if choice.shape != ():
-        raise ValueError(f"{fn}: choice must be a scalar, got shape {choice.shape}")
-    return choice, patterns
+    return _masks._check_choice(fn, choice, len(patterns)), patterns
 
 
 def select_parts(
@@ -261,7 +261,7 @@ def select_parts(
     x = jnp.transpose(a, layout.act_perm).reshape(layout.batch, layout.num_tokens, layout.num_k)
     x = _pairs(x, layout.num_tokens)  # [B, J, 2, K]
     x = jnp.moveaxis(x.reshape(*x.shape[:3], layout.num_k // 2, 2), -1, 0)  # [κ, B, J, 2, K/2]
-    return _kept(x, _phases(layout, patterns, choice), per_kappa=True)
+    return _pick(_phases(layout, patterns, choice), x[..., 0, :], x[..., 1, :])
 
 
 def from_parts(
@@ -293,17 +293,9 @@ def from_parts(
        [0 1 0 1]]
     """
     choice, patterns = _checked("from_parts", choice, patterns)
-    zero = jnp.zeros((), parts.dtype)
-    phases = _phases(layout, patterns, choice)
-    uniform = _uniform(phases)
-    cols = []
-    for kappa, (part, odd) in enumerate(zip(parts, phases)):  # [B, J, K/2], [1, J, 1]
-        if uniform is not None:  # a static phase: the kept token and a zero, no select
-            pair = [part, jnp.zeros_like(part)]
-            cols.append(jnp.stack(pair[::-1] if uniform[kappa] else pair, axis=2))
-        else:
-            cols.append(jnp.stack([jnp.where(odd, zero, part), jnp.where(odd, part, zero)], axis=2))
-    x = jnp.stack(cols, axis=-1)  # [B, J, 2, K/2, κ]
+    odd, zeros = _phases(layout, patterns, choice), jnp.zeros_like(parts)  # parts: [κ, B, J, K/2]
+    x = jnp.stack([_pick(odd, parts, zeros), _pick(odd, zeros, parts)], axis=3)  # [κ, B, J, 2, K/2]
+    x = jnp.moveaxis(x, 0, -1)  # [B, J, 2, K/2, κ]
     x = x.reshape(layout.batch, 2 * layout.num_pairs, layout.num_k)[:, : layout.num_tokens]
     return _uncanonical(x, layout.act_shape, layout.act_perm)
 
@@ -325,7 +317,8 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
     no_shift = isinstance(scale, (int, float, np.number)) and scale == 0
     if t % 2:
         g = _masks.gradient_shift(dy, layout.t_out_axis, scale)
-        return _kept(_pairs(jnp.transpose(g, layout.out_perm).reshape(shape), layout.num_tokens), odd)
+        pairs = _pairs(jnp.transpose(g, layout.out_perm).reshape(shape), layout.num_tokens)
+        return _pick(odd, _per_kappa(pairs[..., 0, :]), _per_kappa(pairs[..., 1, :]))
     g = jnp.transpose(dy, layout.out_perm).reshape(
         layout.batch, layout.num_tokens // t, t // 2, 2, layout.num_o)  # [B, sequences, T/2, 2, O]
     even_tok, odd_tok = g[:, :, :, 0], g[:, :, :, 1]
@@ -336,11 +329,8 @@ def _kept_gradients(dy: jax.Array, layout: CompactLayout, patterns: Sequence[str
             (even_tok.astype(wide) + scale * prev.astype(wide)).astype(dy.dtype),
             (odd_tok.astype(wide) + scale * even_tok.astype(wide)).astype(dy.dtype),
         )
-    half = (layout.batch, layout.num_pairs, layout.num_o)  # not stacked into pairs for _kept: a copy
-    uniform = _uniform(odd)
-    if uniform is not None:
-        return jnp.stack([(odd_tok if phase else even_tok).reshape(half) for phase in uniform])
-    return jnp.where(odd, odd_tok.reshape(half), even_tok.reshape(half))
+    half = (layout.batch, layout.num_pairs, layout.num_o)  # not stacked into pairs: that is a copy
+    return _pick(odd, _per_kappa(even_tok.reshape(half)), _per_kappa(odd_tok.reshape(half)))
 
 
 def parts_grad_weight(
