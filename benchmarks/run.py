@@ -310,6 +310,18 @@ def bench_gemm(t: int, k: int, o: int, dtype: Any, pattern: str, warmup: int, ru
     return res
 
 
+def _compact_pieces(plan: Any, a_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[Any, Any]:
+    """``(dy_side, gemms)`` of the library's compact grad-weight product for ``plan``: the shift and
+    selection of the kept ``dY`` tokens, and the GEMM(s) on operands already laid out (for the
+    per-pair form ``[κ, B, K/2, O]``, before the halves are interleaved)."""
+    if plan.pair_select:
+        dy_side = functools.partial(_rotate._kept_gradients, layout=_dot._layout(plan, a_shape, w_shape),
+                                    patterns=plan.compact_patterns, choice=0, scale=plan.restore_scale)
+        return dy_side, functools.partial(lax.dot_general, dimension_numbers=(((2,), (2,)), ((0, 1), (0, 1))))
+    phase = int(plan.pattern == "odd")
+    return (lambda dy: _dot._shifted_tokens(dy, 0, phase, plan.restore_scale)), (lambda ps, ds: ps[0].T @ ds)
+
+
 def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
                  patterns: Sequence[str] = ("checkerboard", "even")) -> list[dict[str, Any]]:
     """The library's compact grad-weight product at one shape (f32) split into its pieces, per
@@ -325,23 +337,7 @@ def profile_gemm(t: int, k: int, o: int, warmup: int, runs: int,
         plan = matmul_plan(a, w, pattern, "compact")
         gather, product = library_compact(plan, a.shape, w.shape)
         parts = jax.block_until_ready(jax.jit(gather)(a))
-        if plan.pair_select:
-            lay, pats, s = _dot._layout(plan, a.shape, w.shape), plan.compact_patterns, plan.restore_scale
-
-            def dy_side(dy: jax.Array) -> Any:
-                return _rotate._kept_gradients(dy, lay, pats, 0, s)
-
-            def gemms(ps: jax.Array, ds: jax.Array) -> jax.Array:  # [κ, B, K/2, O]: not interleaved
-                return lax.dot_general(ps, ds, (((2,), (2,)), ((0, 1), (0, 1))))
-        else:
-            phase = int(pattern == "odd")
-
-            def dy_side(dy: jax.Array) -> Any:
-                return _dot._shifted_tokens(dy, 0, phase, plan.restore_scale)
-
-            def gemms(ps: tuple[jax.Array, ...], ds: jax.Array) -> jax.Array:
-                return ps[0].T @ ds
-
+        dy_side, gemms = _compact_pieces(plan, a.shape, w.shape)
         kept_dy = jax.block_until_ready(jax.jit(dy_side)(dy))
         fns = {
             "dense": functools.partial(jax.jit(lambda a, dy: a.T @ dy), a, dy),
