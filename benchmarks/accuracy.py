@@ -27,7 +27,12 @@ Suites:
     the variants of :data:`ABLATION_VARIANTS` (the paper's ablation: forward only, + grad-input,
     + grad-weight without and with restoration; ``restore_scale`` 0/0.03/0.5/1; each pattern;
     ``prune_grad_output``; ``sr_ste`` sweeps for AdamW and SGD; ``min_features``) at each of
-    :data:`ABLATION_SETTINGS`. Every variant of a setting is paired with the same dense runs.
+    :data:`ABLATION_SETTINGS` (or each ``--ablation-setting DATASET MODEL WIDTH``, repeatable;
+    ``--ablation-variants`` picks variants). Every variant of a setting is paired with the same
+    dense runs. With more than one setting, a last table lists every setting by variant (the
+    paired difference, **miss** / ↑ off parity) and counts the settings at parity or ahead.
+    ``--read-only`` trains nothing: it tabulates the runs found under ``DIR/runs``, each row over
+    the seeds whose dense and FST runs are both there.
 
 Outputs: markdown tables on stdout, ``DIR/accuracy.json`` (rewritten after every setting),
 ``DIR/accuracy.png`` (paired differences with 2-SE error bars), ``DIR/curves.png`` (test
@@ -195,6 +200,32 @@ def main_table(rows: Sequence[dict[str, Any]]) -> str:
                      "FST acc %", "FST − dense (pt, ± SE)", "parity bound (pt)", "parity"], body)
 
 
+def grid_table(rows: Sequence[dict[str, Any]], seeds: int) -> str:
+    """Markdown table of the ablation rows as settings × variants: ``FST − dense ± SE`` per cell,
+    **miss** where not at parity with FST behind, ↑ where FST is ahead beyond the bound, the seed
+    count where it is not ``seeds``, and a last row counting the cells at parity or ahead."""
+    variants = list(dict.fromkeys(r["name"] for r in rows))
+    settings = list(dict.fromkeys((r["dataset"], r["model"], r["width"]) for r in rows))
+    cell = {((r["dataset"], r["model"], r["width"]), r["name"]): r for r in rows}
+
+    def fmt(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        ahead = r["paired_difference"]["mean"] > 0
+        tag = "" if r["parity"] else (" ↑" if ahead else " **miss**")
+        k = len(r["seeds"])
+        n = "" if k == seeds else f" ({k} seed{'s' * (k != 1)})"
+        return _diff(r["paired_difference"]) + tag + n
+
+    body = [[" / ".join(map(str, st)), *(fmt(cell.get((st, v))) for v in variants)] for st in settings]
+    met = []
+    for v in variants:
+        measured = [cell[(st, v)] for st in settings if (st, v) in cell]
+        met.append(f"{sum(r['parity'] or r['paired_difference']['mean'] > 0 for r in measured)} of {len(measured)}")
+    body.append(["at parity or ahead", *met])
+    return md_table(["setting", *variants], body)
+
+
 def ablation_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the ablation."""
     body = [[r["description"],
@@ -295,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument("--fresh", action="store_true",
                    help="retrain every run instead of reading finished runs back from --out/runs")
+    p.add_argument("--read-only", action="store_true",
+                   help="train nothing: read finished runs back from --out/runs and leave a seed out of a "
+                        "row where its dense or FST run is missing (rows with no pair are listed as skipped)")
     p.add_argument("--note", action="append", default=[], help="a line added to the RESULTS.md section")
     return p
 
@@ -310,17 +344,21 @@ class Runner:
     retraining (``--fresh`` retrains), and the table marks rows that read any run back.
     """
 
-    def __init__(self, out: Path, fresh: bool = False) -> None:
+    def __init__(self, out: Path, fresh: bool = False, read_only: bool = False) -> None:
+        if fresh and read_only:
+            raise ValueError("Runner: fresh=True retrains every run and read_only=True trains none: pass one")
         self.dir = out / "runs"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fresh = fresh
+        self.read_only = read_only
         self._data: dict[tuple[str, str], Any] = {}
         self._fns: dict[tuple, Any] = {}
         self.trained = self.read_back = 0
         self.curves: dict[Path, tuple[list[int], list[float]]] = {}  # run file -> test accuracy curve
 
-    def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> tuple[dict[str, Any], bool]:
-        """The final metrics of one run; ``(metrics, read_back)``."""
+    def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> tuple[dict[str, Any] | None, bool]:
+        """The final metrics of one run; ``(metrics, read_back)``; ``(None, False)`` for a run not
+        found in read-only mode."""
         from fst_jax import train
 
         depth = train.DEFAULT_DEPTH[s["model"]]
@@ -338,6 +376,8 @@ class Runner:
             saved = json.loads(path.read_text())
             self.curves[path] = (saved["eval_steps"], saved["test_accuracy"])
             return saved["final"], True
+        if self.read_only:
+            return None, False
         dkey = (s["dataset"], s["model"])
         if dkey not in self._data:
             self._data[dkey] = train.load_dataset(*dkey)
@@ -374,21 +414,28 @@ class Runner:
         self.curves[path] = (result.eval_steps, result.test_accuracy)
         return final, False
 
-    def setting(self, s: dict[str, Any], seeds: int, steps: int) -> tuple[dict[str, Any], bool]:
-        """``results`` for :func:`summarize` (``per_seed`` dense/FST pairs) and whether any was read back."""
+    def setting(self, s: dict[str, Any], seeds: int, steps: int) -> tuple[dict[str, Any] | None, bool]:
+        """``results`` for :func:`summarize` (``per_seed`` dense/FST pairs) and whether any was read
+        back; in read-only mode only the seeds with both runs found (``None`` if there are none)."""
         from fst_jax import train
 
-        per_seed, any_back = [], False
+        per_seed, kept, any_back = [], [], False
         curves: dict[str, list[tuple[list[int], list[float]]]] = {"dense": [], "fst": []}
         for seed in range(seeds):
-            runs = {}
+            found, paths = {}, {}
             for variant in ("dense", "fst"):
-                runs[variant], back = self.run(s, seed, variant, steps)
-                runs[variant] = {"final": runs[variant]}
-                curves[variant].append(self.curves[self.last_path])
-                any_back |= back
-            per_seed.append({"runs": runs})
-        results = {"per_seed": per_seed, "seeds": list(range(seeds)),
+                found[variant] = self.run(s, seed, variant, steps)
+                paths[variant] = self.last_path
+            if any(metrics is None for metrics, _ in found.values()):
+                continue  # read-only, and a run of this pair is missing
+            for variant in found:
+                curves[variant].append(self.curves[paths[variant]])
+            per_seed.append({"runs": {v: {"final": m} for v, (m, _) in found.items()}})
+            any_back |= any(back for _, back in found.values())
+            kept.append(seed)
+        if not per_seed:
+            return None, any_back
+        results = {"per_seed": per_seed, "seeds": kept,
                    "model": {"depth": train.DEFAULT_DEPTH[s["model"]]},
                    "args": {"steps": steps, "batch_size": BATCH_SIZE},
                    "optimizer": {"lr": train.DEFAULT_LR[s["optimizer"]]},
@@ -415,7 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan += [(s, seeds_abl) for s in ablation_settings(d, m, int(w), args.quick, args.ablation_variants)]
 
     out: Path = args.out
-    runner = Runner(out, fresh=args.fresh)
+    if args.fresh and args.read_only:
+        raise SystemExit("--fresh retrains every run and --read-only trains none: pass one of them")
+    runner = Runner(out, fresh=args.fresh, read_only=args.read_only)
+    skipped: list[str] = []
     report: dict[str, Any] = {"meta": meta, "parity_rule": (
         f"|FST - dense| <= max({PARITY_PT} pt, 2 * SE of the paired difference)"),
         "main": [], "ablation": []}
@@ -425,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = QUICK_STEPS if args.quick else (args.steps or STEPS[s["dataset"]])
         t0 = time.perf_counter()
         results, reused = runner.setting(s, n, steps)
+        if results is None:
+            skipped.append(f"{s['dataset']}/{s['model']}/{s['width']}: {s['name']}")
+            continue
         row = summarize(s, results)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         row["reused"] = reused
@@ -445,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups.setdefault((r["dataset"], r["model"], r["width"]), []).append(r)
     for (d, m, w), rows in groups.items():
         text.append(f"### Ablation: {d} / {m} / width {w}\n\n" + ablation_table(rows))
+    if len(groups) > 1:
+        text.append("### Ablation: every setting by variant\n\n" + grid_table(report["ablation"], seeds_abl))
+    if skipped:
+        text.append("Skipped (`--read-only`, no dense and FST run of the same seed found): " + "; ".join(skipped))
     body = "\n\n".join(text)
     print(body)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")

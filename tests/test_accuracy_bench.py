@@ -86,6 +86,40 @@ def test_summarize_parity_rule() -> None:
     assert row["parity"] and row["threshold_pt"] > 2.0
 
 
+def test_read_only_pairs_found_runs_and_trains_none(tmp_path: Path) -> None:
+    """``--read-only`` trains nothing: a setting with no run found gives no row, one with seed 0's
+    pair found gives a row over seed 0 only."""
+    s = accuracy._setting("ablation", "default", "digits", "mlp", 16)
+    assert accuracy.Runner(tmp_path, read_only=True).setting(s, 2, 6) == (None, False)
+    assert not list((tmp_path / "runs").glob("*.json"))
+    trained, _ = accuracy.Runner(tmp_path).setting(s, 1, 6)
+    results, read_back = accuracy.Runner(tmp_path, read_only=True).setting(s, 2, 6)
+    assert read_back and results["seeds"] == [0] and len(list((tmp_path / "runs").glob("*.json"))) == 2
+    assert accuracy.summarize(s, results)["paired_difference"] == accuracy.summarize(s, trained)["paired_difference"]
+
+
+def test_grid_table_marks_misses_and_counts() -> None:
+    """The settings × variants table: one cell per (setting, variant) row, **miss** / ↑ from the
+    parity verdict, the seed count where it differs, and the count of cells at parity or ahead."""
+    def row(width: int, name: str, dense: list[float], fst: list[float]) -> dict:
+        results = {"per_seed": [{"runs": {"dense": {"final": {"test_accuracy": d}},
+                                          "fst": {"final": {"test_accuracy": f}}}}
+                                for d, f in zip(dense, fst, strict=True)],
+                   "model": {"depth": 1}, "args": {"steps": 1, "batch_size": 1}, "optimizer": {"lr": 1.0},
+                   "seeds": list(range(len(dense))), "config": ""}
+        return accuracy.summarize(accuracy._setting("ablation", name, "digits", "mlp", width), results)
+
+    rows = [row(8, "a", [0.9, 0.8], [0.88, 0.78]),    # -2 pt, SE 0: miss
+            row(8, "b", [0.9, 0.8], [0.92, 0.82]),    # +2 pt, SE 0: ahead
+            row(16, "a", [0.9, 0.8], [0.9, 0.801]),   # +0.05 pt: parity
+            row(16, "b", [0.9], [0.9])]               # one seed
+    table = accuracy.grid_table(rows, seeds=2).splitlines()
+    assert table[0] == "| setting | a | b |"
+    assert table[2] == "| digits / mlp / 8 | -2.00 ± 0.00 **miss** | +2.00 ± 0.00 ↑ |"
+    assert table[3] == "| digits / mlp / 16 | +0.05 ± 0.05 | +0.00 (1 seed) |"
+    assert table[4] == "| at parity or ahead | 1 of 2 | 2 of 2 |"
+
+
 def test_rotating_variants_run_with_the_step_as_key(tmp_path: Path) -> None:
     """The study's rotating variants train (the step number is the fst_key), differ from the fixed
     pattern, and are deterministic."""
