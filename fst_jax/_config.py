@@ -247,7 +247,7 @@ class FSTConfig:
         report says so). Measured (``benchmarks/RESULTS.md``, the accuracy grid, 5 seeds): ahead
         of the fixed checkerboard on the wide MNIST-1D MLPs (+1.5 and +0.9 pt over dense against
         +1.0 and −0.5), behind it on the ResNets (digits width 32: −3.1 against −1.2), the CNNs
-        (MNIST-1D: −1.3 and −1.9 against −1.0 and −0.5), the MNIST-1D transformer (width 64:
+        (MNIST-1D: −1.3 and −1.8 against −1.0 and −0.5), the MNIST-1D transformer (width 64:
         −1.9) and text (+7.2 % validation loss against +6.6 %, 2 seeds), so it is not the default.
       restore_scale: ``s`` of the gradient shift ``dY'[t] = dY[t] + s·dY[t-1]``, any finite float
         (negative values are allowed: the shift is a linear combination, and tests use them to
