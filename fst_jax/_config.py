@@ -215,7 +215,7 @@ class FSTConfig:
         on MNIST-1D at width 64 −1.5 pt vs −3.2 (MLP), −2.7 vs −2.9 (Flax NNX MLP), −0.0 vs −1.0
         (CNN; 5 seeds), −0.9 vs −0.8 (transformer; 3 seeds), and with ``grad_input="transposable"``
         as well −1.6, −1.6 and −0.1 (the best measured on these narrow models). Over the accuracy
-        grid (5 seeds) it is at parity with dense on 15 of the 18 settings measured with it (the
+        grid (5 seeds) it is at parity with dense on 17 of its 20 settings (the
         fixed mask: 15 of 20) and never behind the fixed mask beyond noise; it misses on the two
         narrow MNIST-1D MLPs and the MNIST-1D ResNet at width 32 (−1.4 pt vs −1.7).
         ``"fixed_mask"`` stays the default: it needs no key, keeps half the activation and
