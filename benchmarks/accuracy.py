@@ -53,7 +53,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import optax
 from tqdm import tqdm
@@ -186,8 +186,15 @@ def _diff(st: dict[str, Any]) -> str:
     return f"{100 * st['mean']:+.2f} ± {100 * st['stderr']:.2f}"
 
 
+def _standing(r: dict[str, Any]) -> str:
+    """``"parity"``, ``"ahead"`` (FST better beyond the bound) or ``"behind"``: a row's verdict."""
+    if r["parity"]:
+        return "parity"
+    return "ahead" if r["paired_difference"]["mean"] > 0 else "behind"
+
+
 def _verdict(r: dict[str, Any]) -> str:
-    v = "yes" if r["parity"] else "**no**" + (" (FST better)" if r["paired_difference"]["mean"] > 0 else "")
+    v = {"parity": "yes", "ahead": "**no** (FST better)", "behind": "**no**"}[_standing(r)]
     return v + (" (1 seed)" if r["paired_difference"]["stderr"] is None else "")
 
 
@@ -211,8 +218,7 @@ def grid_table(rows: Sequence[dict[str, Any]], seeds: int) -> str:
     def fmt(r: dict[str, Any] | None) -> str:
         if r is None:
             return "–"
-        ahead = r["paired_difference"]["mean"] > 0
-        tag = "" if r["parity"] else (" ↑" if ahead else " **miss**")
+        tag = {"parity": "", "ahead": " ↑", "behind": " **miss**"}[_standing(r)]
         k = len(r["seeds"])
         n = "" if k == seeds else f" ({k} seed{'s' * (k != 1)})"
         return _diff(r["paired_difference"]) + tag + n
@@ -221,7 +227,7 @@ def grid_table(rows: Sequence[dict[str, Any]], seeds: int) -> str:
     met = []
     for v in variants:
         measured = [cell[(st, v)] for st in settings if (st, v) in cell]
-        met.append(f"{sum(r['parity'] or r['paired_difference']['mean'] > 0 for r in measured)} of {len(measured)}")
+        met.append(f"{sum(_standing(r) != 'behind' for r in measured)} of {len(measured)}")
     body.append(["at parity or ahead", *met])
     return md_table(["setting", *variants], body)
 
@@ -324,13 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smoke run: 1 seed, {QUICK_STEPS} steps, two tiny settings per suite")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/accuracy"))
     p.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    p.add_argument("--fresh", action="store_true",
-                   help="retrain every run instead of reading finished runs back from --out/runs")
-    p.add_argument("--read-only", action="store_true",
-                   help="train nothing: read finished runs back from --out/runs and leave a seed out of a "
-                        "row where its dense or FST run is missing (rows with no pair are listed as skipped)")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--fresh", action="store_true",
+                       help="retrain every run instead of reading finished runs back from --out/runs")
+    cache.add_argument("--read-only", action="store_true",
+                       help="train nothing: read finished runs back from --out/runs and leave a seed out of "
+                            "a row where its dense or FST run is missing (rows with no pair are listed as "
+                            "skipped)")
     p.add_argument("--note", action="append", default=[], help="a line added to the RESULTS.md section")
     return p
+
+
+class Run(NamedTuple):
+    """One run of :meth:`Runner.run`: its final metrics (``None`` when read-only mode did not find
+    it), whether it was read back from disk, and its test-accuracy curve ``(steps, accuracies)``."""
+
+    final: dict[str, Any] | None
+    read_back: bool
+    curve: tuple[list[int], list[float]] | None = None
 
 
 class Runner:
@@ -353,12 +370,11 @@ class Runner:
         self.read_only = read_only
         self._data: dict[tuple[str, str], Any] = {}
         self._fns: dict[tuple, Any] = {}
-        self.trained = self.read_back = 0
-        self.curves: dict[Path, tuple[list[int], list[float]]] = {}  # run file -> test accuracy curve
+        self.trained = self.read_back = 0  # runs trained; runs read back and used in a row
 
-    def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> tuple[dict[str, Any] | None, bool]:
-        """The final metrics of one run; ``(metrics, read_back)``; ``(None, False)`` for a run not
-        found in read-only mode."""
+    def run(self, s: dict[str, Any], seed: int, variant: str, steps: int) -> Run:
+        """One run, trained or read back from disk; ``Run(None, False)`` for a run not found in
+        read-only mode."""
         from fst_jax import train
 
         depth = train.DEFAULT_DEPTH[s["model"]]
@@ -370,14 +386,11 @@ class Runner:
                                                "variant"))
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         path = self.dir / f"{name}_{digest}.json"
-        self.last_path = path
         if path.exists() and not self.fresh:
-            self.read_back += 1
             saved = json.loads(path.read_text())
-            self.curves[path] = (saved["eval_steps"], saved["test_accuracy"])
-            return saved["final"], True
+            return Run(saved["final"], True, (saved["eval_steps"], saved["test_accuracy"]))
         if self.read_only:
-            return None, False
+            return Run(None, False)
         dkey = (s["dataset"], s["model"])
         if dkey not in self._data:
             self._data[dkey] = train.load_dataset(*dkey)
@@ -411,8 +424,7 @@ class Runner:
                                     "eval_steps": result.eval_steps,
                                     "test_accuracy": result.test_accuracy}, indent=1) + "\n")
         self.trained += 1
-        self.curves[path] = (result.eval_steps, result.test_accuracy)
-        return final, False
+        return Run(final, False, (result.eval_steps, result.test_accuracy))
 
     def setting(self, s: dict[str, Any], seeds: int, steps: int) -> tuple[dict[str, Any] | None, bool]:
         """``results`` for :func:`summarize` (``per_seed`` dense/FST pairs) and whether any was read
@@ -422,16 +434,14 @@ class Runner:
         per_seed, kept, any_back = [], [], False
         curves: dict[str, list[tuple[list[int], list[float]]]] = {"dense": [], "fst": []}
         for seed in range(seeds):
-            found, paths = {}, {}
-            for variant in ("dense", "fst"):
-                found[variant] = self.run(s, seed, variant, steps)
-                paths[variant] = self.last_path
-            if any(metrics is None for metrics, _ in found.values()):
+            found = {variant: self.run(s, seed, variant, steps) for variant in ("dense", "fst")}
+            if any(r.final is None for r in found.values()):
                 continue  # read-only, and a run of this pair is missing
-            for variant in found:
-                curves[variant].append(self.curves[paths[variant]])
-            per_seed.append({"runs": {v: {"final": m} for v, (m, _) in found.items()}})
-            any_back |= any(back for _, back in found.values())
+            for variant, r in found.items():
+                curves[variant].append(r.curve)
+                self.read_back += r.read_back
+            per_seed.append({"runs": {v: {"final": r.final} for v, r in found.items()}})
+            any_back |= any(r.read_back for r in found.values())
             kept.append(seed)
         if not per_seed:
             return None, any_back
@@ -462,8 +472,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan += [(s, seeds_abl) for s in ablation_settings(d, m, int(w), args.quick, args.ablation_variants)]
 
     out: Path = args.out
-    if args.fresh and args.read_only:
-        raise SystemExit("--fresh retrains every run and --read-only trains none: pass one of them")
     runner = Runner(out, fresh=args.fresh, read_only=args.read_only)
     skipped: list[str] = []
     report: dict[str, Any] = {"meta": meta, "parity_rule": (

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import accuracy
 
 
@@ -93,9 +95,19 @@ def test_read_only_pairs_found_runs_and_trains_none(tmp_path: Path) -> None:
     assert accuracy.Runner(tmp_path, read_only=True).setting(s, 2, 6) == (None, False)
     assert not list((tmp_path / "runs").glob("*.json"))
     trained, _ = accuracy.Runner(tmp_path).setting(s, 1, 6)
-    results, read_back = accuracy.Runner(tmp_path, read_only=True).setting(s, 2, 6)
-    assert read_back and results["seeds"] == [0] and len(list((tmp_path / "runs").glob("*.json"))) == 2
+    accuracy.Runner(tmp_path).run(s, 1, "dense", 6)  # seed 1's dense run, without its FST pair
+    reader = accuracy.Runner(tmp_path, read_only=True)
+    results, read_back = reader.setting(s, 2, 6)
+    assert read_back and results["seeds"] == [0] and len(list((tmp_path / "runs").glob("*.json"))) == 3
+    assert reader.read_back == 2 and reader.trained == 0  # the unpaired dense run is not counted
     assert accuracy.summarize(s, results)["paired_difference"] == accuracy.summarize(s, trained)["paired_difference"]
+
+
+def test_fresh_and_read_only_are_exclusive() -> None:
+    with pytest.raises(SystemExit):
+        accuracy.build_parser().parse_args(["--fresh", "--read-only"])
+    with pytest.raises(ValueError, match="read_only"):
+        accuracy.Runner(Path("unused"), fresh=True, read_only=True)
 
 
 def test_grid_table_marks_misses_and_counts() -> None:
@@ -127,7 +139,7 @@ def test_rotating_variants_run_with_the_step_as_key(tmp_path: Path) -> None:
 
     def final(config: list[str], out: Path) -> dict:
         s = accuracy._setting("ablation", "x", "digits", "mlp", 16, config=config)
-        metrics, read_back = accuracy.Runner(out).run(s, 0, "fst", 6)
+        metrics, read_back, _ = accuracy.Runner(out).run(s, 0, "fst", 6)
         assert not read_back
         return {k: metrics[k] for k in ("train_loss", "test_loss", "test_accuracy")}
 
