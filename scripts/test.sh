@@ -24,6 +24,10 @@ VERSION_TESTS=(tests/test_core_v2.py tests/test_model_patterns.py tests/test_tra
                fst_jax/_config.py fst_jax/_masks.py fst_jax/_transform.py fst_jax/_export.py fst_jax/_report.py
                fst_jax/_rotate.py fst_jax/kernels fst_jax/cusparselt)
 
+# The main job's training runs inside those files: 3.11 only, like the rest of the main job's tests.
+MAIN_JOB_TESTS=(tests/test_rotating_sparsify.py::test_main_job_trains_with_a_rotating_pattern
+                tests/test_mvue.py::test_main_job_trains_with_mvue)
+
 run_suite() {  # $1: venv dir, $2: python, $3: the package's extras, $4: what to test, $5...: extra pip requirements
   local venv=$1 py=$2 extras=$3 what=$4; shift 4
   echo "== $venv: $("$py" --version)"
@@ -31,9 +35,9 @@ run_suite() {  # $1: venv dir, $2: python, $3: the package's extras, $4: what to
   "$venv/bin/pip" install -q -e ".[$extras]" "$@"
   "$venv/bin/python" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)'
   if [ "$what" = all ]; then
-    "$venv/bin/python" -m pytest -q -n 2 tests fst_jax --doctest-modules
+    "$venv/bin/python" -m pytest -q -n 2 --durations=15 tests fst_jax --doctest-modules
   else
-    "$venv/bin/python" -m pytest -q -n 2 --doctest-modules "${VERSION_TESTS[@]}"
+    "$venv/bin/python" -m pytest -q -n 2 --durations=15 --doctest-modules "${VERSION_TESTS[@]}" "${MAIN_JOB_TESTS[@]/#/--deselect=}"
   fi
 }
 

@@ -19,7 +19,9 @@ def _positive(x: object) -> bool:
 
 
 def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
-    assert run.main(["--quick", "--out", str(tmp_path), "--no-append"]) == 0
+    # the transformer block is left out: the tiny GPT has its attention and 3-D activations, and the
+    # block's compiles would add a third to this smoke run's time (it is the longest test)
+    assert run.main(["--quick", "--models", "mlp", "gpt", "--out", str(tmp_path), "--no-append"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "benchmarks.png").stat().st_size > 0
     for section in ("gemm", "train_step", "memory", "compile", "flops"):
@@ -32,7 +34,7 @@ def test_quick_run_writes_all_sections(tmp_path: Path) -> None:
         for name in ("masked", "compact", "compact_gather"):
             assert _positive(case[f"speedup_{name}"])
 
-    models = ("mlp", "transformer_block", "gpt")  # the smoke run's GPT is tiny, f32 only
+    models = ("mlp", "gpt")  # the smoke run's GPT is tiny, f32 only
     assert set(results["train_step"]) == set(models)
     for model in models:
         step = results["train_step"][model]
