@@ -104,6 +104,8 @@ def test_read_only_pairs_found_runs_and_trains_none(tmp_path: Path) -> None:
 
 
 def test_fresh_and_read_only_are_exclusive() -> None:
+    """``--fresh`` (retrain all) and ``--read-only`` (train none) are refused together, by the CLI
+    and by :class:`Runner`."""
     with pytest.raises(SystemExit):
         accuracy.build_parser().parse_args(["--fresh", "--read-only"])
     with pytest.raises(ValueError, match="read_only"):
